@@ -1,0 +1,32 @@
+# bmr: the README's commands. `make test` is what CI runs.
+CARGO ?= cargo
+BMR := target/release/bmr
+DEMO := target/demo
+
+.PHONY: all build deps test lint unit integration demo iso qemu-test kernel bench clean
+
+all: build
+
+deps:
+	scripts/setup-deps
+
+build:
+	$(CARGO) build --release --locked
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+# Unit tests need nothing special; integration tests run as root on loop devices.
+test: deps lint
+	$(CARGO) test --locked -- --test-threads=2
+
+demo: deps build
+	scripts/demo $(BMR) $(DEMO)
+
+iso qemu-test kernel bench:
+	@echo "make $@: arrives with the rescue, recovery and image issues; see README.md" >&2
+	@exit 2
+
+clean:
+	$(CARGO) clean

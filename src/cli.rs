@@ -1,0 +1,256 @@
+//! Command-line interface: argument schema and the human/JSON output of each
+//! command. The work itself lives in the modules named after it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::capture::{self, SaveOptions};
+use crate::manifest::{CatalogMode, Manifest};
+use crate::medium::{self, Written};
+use crate::probe;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bmr",
+    version,
+    about = "Bare-metal recovery: save a machine's system state, rebuild it onto the disks at hand"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Show the disks, partition tables, filesystems and hardware of this machine (read-only).
+    Probe {
+        /// Probe only these disks (loop devices are only probed when named).
+        #[arg(long = "disk", value_name = "DEV", value_delimiter = ',')]
+        disks: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Record the system state and write the recovery medium (a FAT image or an existing FAT partition).
+    Save {
+        /// Image file to create, or a block device holding a FAT filesystem.
+        #[arg(long, value_name = "PATH")]
+        medium: PathBuf,
+        /// Root of the system to record: its fstab, os-release, modules and boot files.
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        system_root: PathBuf,
+        /// Disks to record (default: those holding the system's mounted filesystems and swap).
+        #[arg(long = "disk", value_name = "DEV", value_delimiter = ',')]
+        disks: Vec<PathBuf>,
+        /// Kernel module to carry on the medium with its dependencies (e.g. st for a SCSI tape).
+        #[arg(long = "driver", value_name = "MODULE", value_delimiter = ',')]
+        drivers: Vec<String>,
+        /// Kernel version whose modules --driver takes (default: the running kernel, else the newest installed).
+        #[arg(long, value_name = "KVER")]
+        kernel: Option<String>,
+        /// Files that must be identical after a restore: none, boot files, or every packaged file too.
+        #[arg(long, value_enum, default_value = "boot")]
+        catalog: CatalogMode,
+        /// TOML file with [[commands]] for recovery to run (same fields as the manifest's).
+        #[arg(long, value_name = "FILE")]
+        commands: Option<PathBuf>,
+    },
+    /// Read a manifest from a recovery medium or a TOML file.
+    Manifest {
+        #[command(subcommand)]
+        action: ManifestCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ManifestCmd {
+    /// Print the saved system state.
+    Show {
+        /// Recovery medium (image or device) or manifest.toml.
+        source: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify checksum and consistency; exit status 0 when sound.
+    Check { source: PathBuf },
+    /// Recompute the checksum of a hand-edited manifest.toml (after checking everything else).
+    Seal { file: PathBuf },
+}
+
+pub fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Probe { disks, json } => {
+            let report = probe::probe(&disks)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", crate::report::probe_text(&report));
+            }
+        }
+        Cmd::Save {
+            medium,
+            system_root,
+            disks,
+            drivers,
+            kernel,
+            catalog,
+            commands,
+        } => {
+            let opts = SaveOptions {
+                medium,
+                system_root,
+                disks,
+                drivers,
+                kernel,
+                catalog,
+                commands,
+            };
+            let saved = capture::save(&opts)?;
+            for n in &saved.notes {
+                eprintln!("bmr: warning: {n}");
+            }
+            let m = &saved.manifest;
+            match saved.written {
+                Written::Image {
+                    bytes,
+                    grown: false,
+                } => println!(
+                    "recovery medium: {} ({bytes} bytes, 1.44 MB floppy image)",
+                    opts.medium.display()
+                ),
+                Written::Image { bytes, grown: true } => {
+                    println!("recovery medium: {} ({bytes} bytes: the content does not fit a 1.44 MB floppy, so the image is larger)", opts.medium.display())
+                }
+                Written::Device => println!(
+                    "recovery medium: {} (files replaced in its FAT filesystem)",
+                    opts.medium.display()
+                ),
+            }
+            print!("{}", crate::report::manifest_text(m));
+        }
+        Cmd::Manifest { action } => return manifest_cmd(action),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn manifest_cmd(action: ManifestCmd) -> Result<ExitCode> {
+    match action {
+        ManifestCmd::Show { source, json } => {
+            let m = medium::load_manifest(&source)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+            } else {
+                print!("{}", crate::report::manifest_text(&m));
+            }
+        }
+        ManifestCmd::Check { source } => {
+            let m = medium::load_manifest(&source)?;
+            println!(
+                "{}: manifest sound (checksum matches, {} disks, {} partitions, {} volumes, {} drivers)",
+                source.display(),
+                m.disks.len(),
+                m.partitions.len(),
+                m.volumes.len(),
+                m.drivers.len()
+            );
+        }
+        ManifestCmd::Seal { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let m: Manifest = toml::from_str(&text)
+                .with_context(|| format!("{} is not a valid manifest", file.display()))?;
+            let errors = crate::manifest::validate(&m);
+            if !errors.is_empty() {
+                let list: Vec<String> = errors.iter().map(|e| format!("  - {e}")).collect();
+                anyhow::bail!(
+                    "{} is inconsistent; fix these first:\n{}",
+                    file.display(),
+                    list.join("\n")
+                );
+            }
+            std::fs::write(&file, m.to_toml()?)
+                .with_context(|| format!("writing {}", file.display()))?;
+            println!("{}: sealed", file.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cmd {
+        Cli::try_parse_from(std::iter::once("bmr").chain(args.iter().copied()))
+            .unwrap()
+            .command
+    }
+
+    #[test]
+    fn disks_and_drivers_repeat_or_take_commas() {
+        let Cmd::Save {
+            disks,
+            drivers,
+            catalog,
+            system_root,
+            ..
+        } = parse(&[
+            "save",
+            "--medium",
+            "m.img",
+            "--disk",
+            "/dev/sda",
+            "--disk=/dev/sdb,/dev/sdc",
+            "--driver",
+            "st,sg",
+            "--driver",
+            "ch",
+        ])
+        else {
+            panic!("not save")
+        };
+        assert_eq!(
+            disks,
+            ["/dev/sda", "/dev/sdb", "/dev/sdc"].map(PathBuf::from)
+        );
+        assert_eq!(drivers, ["st", "sg", "ch"]);
+        assert_eq!(catalog, CatalogMode::Boot);
+        assert_eq!(system_root, PathBuf::from("/"));
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        assert!(
+            Cli::try_parse_from(["bmr", "save"]).is_err(),
+            "--medium is required"
+        );
+        let err = Cli::try_parse_from(["bmr", "save", "--medium", "m", "--catalog", "most"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("none") && err.contains("full"), "{err}");
+        assert!(Cli::try_parse_from(["bmr", "save", "--medium", "m", "--colour"]).is_err());
+    }
+
+    #[test]
+    fn probe_and_manifest_forms() {
+        assert!(matches!(
+            parse(&["probe", "--json"]),
+            Cmd::Probe { json: true, .. }
+        ));
+        assert!(matches!(
+            parse(&["manifest", "show", "m.img", "--json"]),
+            Cmd::Manifest {
+                action: ManifestCmd::Show { json: true, .. }
+            }
+        ));
+        assert!(matches!(
+            parse(&["manifest", "check", "m.img"]),
+            Cmd::Manifest {
+                action: ManifestCmd::Check { .. }
+            }
+        ));
+    }
+}

@@ -1,0 +1,22 @@
+//! bmr: bare-metal recovery. One binary for the backed-up system (save,
+//! probe), the rescue initramfs (/init, recover) and phase two.
+
+mod capture;
+mod cli;
+mod manifest;
+mod medium;
+mod probe;
+mod report;
+mod sys;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    match cli::run() {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("bmr: error: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}

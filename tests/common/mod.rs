@@ -1,0 +1,145 @@
+//! Helpers for integration tests that run as root on disk images attached to
+//! loop devices. Every resource is released in Drop, also when a test panics.
+#![allow(clippy::unwrap_used)]
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
+
+/// Loop devices are a machine-wide resource: tests take turns.
+static LOOPS: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> MutexGuard<'static, ()> {
+    LOOPS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn require_root() {
+    assert!(
+        nix_is_root(),
+        "this integration test needs root (loop devices, mkfs, mount); run `make test` as root"
+    );
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn stdout(cmd: &mut Command) -> String {
+    String::from_utf8(run(cmd).stdout).expect("utf-8 output")
+}
+
+pub fn sh(line: &str) -> String {
+    stdout(Command::new("sh").arg("-c").arg(line))
+}
+
+pub fn bmr() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_bmr"))
+}
+
+/// A disk image attached to a loop device with its partitions made known
+/// to the kernel through BLKPG (`partx -a`).
+pub struct LoopDisk {
+    pub dev: String,
+}
+
+impl LoopDisk {
+    pub fn attach(image: &Path) -> LoopDisk {
+        let dev = stdout(Command::new("losetup").args(["-f", "--show"]).arg(image))
+            .trim()
+            .to_string();
+        let disk = LoopDisk { dev };
+        // Stale partitions of an earlier user of this loop device.
+        let _ = Command::new("partx").arg("-d").arg(&disk.dev).output();
+        let _ = Command::new("partx").arg("-a").arg(&disk.dev).output();
+        disk
+    }
+
+    pub fn part(&self, n: u32) -> String {
+        format!("{}p{n}", self.dev)
+    }
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("partx").arg("-d").arg(&self.dev).output();
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).output();
+    }
+}
+
+pub struct Mounted {
+    pub dir: PathBuf,
+}
+
+impl Mounted {
+    pub fn new(dev: &str, dir: &Path, args: &[&str]) -> Mounted {
+        std::fs::create_dir_all(dir).unwrap();
+        run(Command::new("mount").args(args).arg(dev).arg(dir));
+        Mounted {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// A FUSE mount (ntfs-3g) instead of a kernel one.
+    pub fn ntfs3g(dev: &str, dir: &Path) -> Mounted {
+        std::fs::create_dir_all(dir).unwrap();
+        run(Command::new("ntfs-3g").args(["-o", "ro"]).arg(dev).arg(dir));
+        Mounted {
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).output();
+    }
+}
+
+/// `df`'s idea of used bytes.
+pub fn df_used(dir: &Path) -> u64 {
+    let out = stdout(Command::new("df").args(["-B1", "--output=used"]).arg(dir));
+    out.lines().nth(1).unwrap().trim().parse().unwrap()
+}
+
+/// `blkid -o export` as key/value pairs.
+pub fn blkid(dev: &str) -> std::collections::HashMap<String, String> {
+    stdout(Command::new("blkid").args(["-p", "-o", "export", dev]))
+        .lines()
+        .filter_map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+pub fn make_disk(kind: &str, image: &Path) {
+    run(Command::new(repo().join("scripts/make-disk"))
+        .arg(kind)
+        .arg(image));
+}
