@@ -174,8 +174,11 @@ fn format_options(bytes: u64, content: &Content) -> fatfs::FormatVolumeOptions {
         hasher.update(path.as_bytes()).update(data);
     }
     let id = hasher.finalize();
-    let serial = u32::from_le_bytes([id.as_bytes()[0], id.as_bytes()[1], id.as_bytes()[2], id.as_bytes()[3]]);
-    let opts = fatfs::FormatVolumeOptions::new().volume_label(label).volume_id(serial);
+    let b = id.as_bytes();
+    let serial = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let opts = fatfs::FormatVolumeOptions::new()
+        .volume_label(label)
+        .volume_id(serial);
     if bytes == FLOPPY_BYTES {
         // The geometry of a real 1.44 MB diskette, so a floppy drive reads it.
         opts.fat_type(fatfs::FatType::Fat12)
@@ -208,7 +211,8 @@ fn write_image(dest: &Path, content: &Content) -> Result<Written> {
         file.set_len(bytes)
             .with_context(|| format!("sizing {}", tmp.display()))?;
         let mut file = file;
-        fatfs::format_volume(&mut file, format_options(bytes, content)).context("formatting the medium")?;
+        fatfs::format_volume(&mut file, format_options(bytes, content))
+            .context("formatting the medium")?;
         file.seek(SeekFrom::Start(0))?;
         let fs = fatfs::FileSystem::new(file, fatfs::FsOptions::new())
             .context("opening the new medium")?;
