@@ -12,6 +12,7 @@ mod sys;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    sys::default_sigpipe();
     match cli::run() {
         Ok(code) => code,
         Err(err) => {

@@ -47,7 +47,7 @@ pub fn probe_text(r: &Report) -> String {
         let i = &d.info;
         let _ = writeln!(
             out,
-            "{}  {}  {}/{} B sectors  {:?}  {} {}{}",
+            "{}  {}  {}/{} B sectors  {}  {} {}{}",
             i.device,
             size(i.size_bytes),
             i.logical_sector_size,
@@ -130,7 +130,7 @@ pub fn manifest_text(m: &Manifest) -> String {
     let s = &m.system;
     let _ = writeln!(
         out,
-        "system: {} ({}), kernel {}, {:?} firmware, bootloader {}",
+        "system: {} ({}), kernel {}, {} firmware, bootloader {}",
         s.hostname, s.os, s.kernel, s.firmware, s.bootloader
     );
     let _ = writeln!(out, "saved: {} by {}", m.manifest.created, m.manifest.tool);
@@ -141,7 +141,7 @@ pub fn manifest_text(m: &Manifest) -> String {
             .unwrap_or("");
         let _ = writeln!(
             out,
-            "{}: {} {} {:?}, {}/{} B sectors {ident}",
+            "{}: {} {} {}, {}/{} B sectors {ident}",
             d.id,
             d.device,
             size(d.size_bytes),

@@ -36,3 +36,12 @@ pub fn physical_sector_size(fd: BorrowedFd<'_>) -> io::Result<u32> {
     unsafe { raw::blkpbszget(fd.as_raw_fd(), &mut size) }.map_err(io::Error::from)?;
     Ok(size)
 }
+
+/// Restores the default SIGPIPE action, so `bmr probe | head` ends quietly
+/// instead of panicking on a closed stdout (Rust ignores SIGPIPE by default).
+pub fn default_sigpipe() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: installing SIG_DFL runs no handler code; nothing else in bmr
+    // relies on SIGPIPE being ignored (writes to closed pipes end the process).
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}

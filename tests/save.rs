@@ -433,3 +433,71 @@ fn mbr_disk_with_fat32_and_a_logical_partition() {
         df_used(&mounted.dir)
     );
 }
+
+#[test]
+fn medium_on_an_existing_fat_partition_keeps_other_files() {
+    require_root();
+    let _turn = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("mbr.img");
+    make_disk("mbr", &img);
+    let disk = LoopDisk::attach(&img);
+    let root = Mounted::new(&disk.part(1), &tmp.path().join("root"), &[]);
+
+    // A USB stick with one FAT partition that already holds the admin's notes.
+    let stick_img = tmp.path().join("stick.img");
+    sh(&format!(
+        "truncate -s 64M {0} && echo 'start=2048, type=c' | sfdisk -q {0}",
+        stick_img.display()
+    ));
+    let stick = LoopDisk::attach(&stick_img);
+    let part = stick.part(1);
+    sh(&format!("mkfs.vfat -n BMR-STATE {part} >/dev/null && echo 'call Bob' > {0}/notes.txt && mcopy -i {part} {0}/notes.txt ::notes.txt", tmp.path().display()));
+
+    for round in 0..2 {
+        let out = stdout(
+            bmr()
+                .args(["save", "--medium", &part, "--system-root"])
+                .arg(&root.dir)
+                .args(["--disk", &disk.dev]),
+        );
+        assert!(
+            out.contains("files replaced in its FAT filesystem"),
+            "round {round}: {out}"
+        );
+        let m = manifest_json(Path::new(&part));
+        assert_eq!(m["system"]["hostname"], "testhost-mbr");
+    }
+    assert_eq!(
+        stdout(Command::new("mtype").args(["-i", &part, "::notes.txt"])),
+        "call Bob\n"
+    );
+    let listing = stdout(Command::new("mdir").args(["-b", "-/", "-i", &part, "::"]));
+    assert_eq!(
+        listing
+            .lines()
+            .filter(|l| l.ends_with("manifest.toml"))
+            .count(),
+        1,
+        "{listing}"
+    );
+    sh(&format!("fsck.fat -n {part} >/dev/null"));
+
+    // A partition without FAT is not formatted behind the admin's back.
+    sh(&format!(
+        "dd if=/dev/zero of={part} bs=64k count=16 status=none"
+    ));
+    let out = bmr()
+        .args(["save", "--medium", &part, "--system-root"])
+        .arg(&root.dir)
+        .args(["--disk", &disk.dev])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("holds no FAT filesystem")
+            && err.contains("mkfs.vfat"),
+        "{err}"
+    );
+}
