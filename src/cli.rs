@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::capture::{self, SaveOptions};
 use crate::manifest::{CatalogMode, Manifest};
 use crate::medium::{self, Written};
+use crate::plan::{self, Plan, Policy, Sizing, TargetDisk};
 use crate::probe;
 
 #[derive(Debug, Parser)]
@@ -57,11 +58,84 @@ pub enum Cmd {
         #[arg(long, value_name = "FILE")]
         commands: Option<PathBuf>,
     },
+    /// Compare the saved layout with this machine's disks and print the restore plan (writes nothing).
+    Plan {
+        #[command(flatten)]
+        args: PlanArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the plan's partition tables and filesystems to the target disks.
+    Apply {
+        #[command(flatten)]
+        args: PlanArgs,
+        /// Really write; without it the plan is printed and nothing is written.
+        #[arg(long)]
+        yes: bool,
+        /// Show what would be written, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// On failure keep the half-written disks as they are, for inspection.
+        #[arg(long)]
+        keep_on_error: bool,
+        /// Apply this plan (from `bmr plan --json`) instead of planning again;
+        /// every target is checked to still be the disk that plan saw.
+        #[arg(long, value_name = "FILE")]
+        plan: Option<PathBuf>,
+        /// Where the journal lives (default /run/bmr/journal.json).
+        #[arg(long, value_name = "FILE", default_value = crate::apply::DEFAULT_JOURNAL)]
+        journal: PathBuf,
+    },
     /// Read a manifest from a recovery medium or a TOML file.
     Manifest {
         #[command(subcommand)]
         action: ManifestCmd,
     },
+}
+
+/// What a plan is made from: the same flags for `plan`, `apply` and (later) recovery.
+#[derive(Debug, clap::Args)]
+pub struct PlanArgs {
+    /// Recovery medium (image or device) or manifest.toml.
+    #[arg(long, value_name = "PATH")]
+    pub medium: PathBuf,
+    /// Target disks to consider (default: every disk found; loop devices only when named).
+    #[arg(long = "disk", value_name = "DEV", value_delimiter = ',')]
+    pub disks: Vec<PathBuf>,
+    /// Put a saved disk on a given target: disk0=/dev/vdb (repeatable).
+    #[arg(long = "map", value_name = "SAVED=DEV", value_parser = parse_map, value_delimiter = ',')]
+    pub map: Vec<(String, String)>,
+    /// How spare space is given out: proportional (default), grow-last or keep.
+    #[arg(long, value_enum, default_value = "proportional")]
+    pub policy: Sizing,
+    /// Keep data and swap volumes already intact on the target instead of restoring them.
+    #[arg(long)]
+    pub keep_intact: bool,
+}
+
+fn parse_map(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("\"{s}\" is not SAVED=DEV, e.g. disk0=/dev/vdb")),
+    }
+}
+
+impl PlanArgs {
+    /// Loads the manifest, probes the targets and plans: no writes.
+    pub fn make(&self) -> Result<(Manifest, Vec<TargetDisk>, Plan)> {
+        let manifest = medium::load_manifest(&self.medium)?;
+        let protect = [(self.medium.clone(), "holds the recovery medium")];
+        let (targets, warnings) = crate::targets::targets(&self.disks, &protect)?;
+        for w in warnings {
+            eprintln!("bmr: warning: {w}");
+        }
+        let policy = Policy {
+            sizing: self.policy,
+            keep_intact: self.keep_intact,
+        };
+        let plan = plan::plan(&manifest, &targets, &self.map, policy)?;
+        Ok((manifest, targets, plan))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -130,6 +204,63 @@ pub fn run() -> Result<ExitCode> {
                 ),
             }
             print!("{}", crate::report::manifest_text(m));
+        }
+        Cmd::Plan { args, json } => {
+            let (m, targets, plan) = args.make()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+            } else {
+                print!("{}", crate::report::plan_text(&m, &targets, &plan));
+            }
+        }
+        Cmd::Apply {
+            args,
+            yes,
+            dry_run,
+            keep_on_error,
+            plan: plan_file,
+            journal,
+        } => {
+            let (m, targets, plan) = match &plan_file {
+                Some(file) => {
+                    let text = std::fs::read(file)
+                        .with_context(|| format!("reading {}", file.display()))?;
+                    let plan: Plan = serde_json::from_slice(&text).with_context(|| {
+                        format!("{} is not a plan from `bmr plan --json`", file.display())
+                    })?;
+                    (medium::load_manifest(&args.medium)?, Vec::new(), plan)
+                }
+                None => args.make()?,
+            };
+            print!("{}", crate::report::plan_text(&m, &targets, &plan));
+            if plan.is_ambiguous() && !dry_run {
+                anyhow::bail!("the plan had to choose between equally suitable disks (see the warnings above); say which with --map SAVED=DEV; nothing was written");
+            }
+            if dry_run || !yes {
+                println!(
+                    "\nnothing written: {}",
+                    if dry_run {
+                        "--dry-run"
+                    } else {
+                        "add --yes to write these disks"
+                    }
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let protected = crate::targets::disk_holding(&args.medium)
+                .map(|d| (d, "holds the recovery medium".to_string()))
+                .into_iter()
+                .collect();
+            let opts = crate::apply::Options {
+                keep_on_error,
+                journal,
+                protected,
+            };
+            crate::apply::apply(&m, &plan, &opts)?;
+            println!(
+                "\napplied: partition tables written and verified on {}",
+                plan.target_devices().join(", ")
+            );
         }
         Cmd::Manifest { action } => return manifest_cmd(action),
     }

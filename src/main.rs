@@ -1,13 +1,16 @@
 //! bmr: bare-metal recovery. One binary for the backed-up system (save,
 //! probe), the rescue initramfs (/init, recover) and phase two.
 
+mod apply;
 mod capture;
 mod cli;
 mod manifest;
 mod medium;
+mod plan;
 mod probe;
 mod report;
 mod sys;
+mod targets;
 
 use std::process::ExitCode;
 

@@ -215,6 +215,130 @@ pub fn manifest_text(m: &Manifest) -> String {
     out
 }
 
+/// The saved layout and the target layout side by side, then the plan per
+/// volume: what `bmr plan` prints and `bmr apply` shows before writing.
+pub fn plan_text(
+    m: &Manifest,
+    targets: &[crate::plan::TargetDisk],
+    plan: &crate::plan::Plan,
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "saved system {} ({}), {}",
+        m.system.hostname, m.manifest.created, m.system.os
+    );
+    for d in &plan.disks {
+        let saved = m.disk(&d.saved);
+        let target = targets.iter().find(|t| t.device == d.target);
+        let _ = writeln!(
+            out,
+            "{} ({}, {}) -> {} ({}): {}",
+            d.saved,
+            saved.map_or(String::new(), |s| size(s.size_bytes)),
+            saved.map_or(String::new(), |s| s.table.to_string()),
+            d.target,
+            target.map_or(String::new(), |t| size(t.size_bytes)),
+            d.reason
+        );
+    }
+    for t in &plan.targets {
+        let _ = writeln!(
+            out,
+            "\n{} {} {}, {}/{} B sectors: {}",
+            t.device,
+            size(t.size_bytes),
+            t.table,
+            t.logical_sector_size,
+            t.physical_sector_size,
+            t.reason
+        );
+        let _ = writeln!(
+            out,
+            "  {:<26}    {:<12} {:>10} {:>10}  volume",
+            "saved partition", "new", "start", "size"
+        );
+        for p in &t.partitions {
+            let saved = p
+                .from
+                .as_deref()
+                .and_then(|f| f.split_once(':'))
+                .and_then(|(disk, n)| {
+                    m.partitions
+                        .iter()
+                        .find(|q| q.disk == disk && q.number.to_string() == n)
+                })
+                .map(|q| {
+                    format!(
+                        "{}:{} {} +{}",
+                        q.disk,
+                        q.number,
+                        size(q.start_bytes),
+                        size(q.size_bytes)
+                    )
+                })
+                .unwrap_or_else(|| "(new)".into());
+            let _ = writeln!(
+                out,
+                "  {saved:<26} -> {:<12} {:>10} {:>10}  {}",
+                p.device,
+                size(p.start_bytes),
+                size(p.size_bytes),
+                p.volume.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\n  {:<12} {:<7} {:<14} {:<12} {:>10} {:>10} {:>10}  reason",
+        "volume", "role", "action", "target", "size", "saved", "min"
+    );
+    for v in &plan.volumes {
+        let _ = writeln!(
+            out,
+            "  {:<12} {:<7} {:<14} {:<12} {:>10} {:>10} {:>10}  {}",
+            v.id,
+            v.role,
+            v.action,
+            if v.target_device.is_empty() {
+                "-"
+            } else {
+                &v.target_device
+            },
+            if v.size_bytes == 0 {
+                "-".to_string()
+            } else {
+                size(v.size_bytes)
+            },
+            size(v.saved_size_bytes),
+            size(v.min_size_bytes),
+            v.reason
+        );
+    }
+    for d in &plan.dropped {
+        let _ = writeln!(
+            out,
+            "dropped: {} ({}, needs {}): {}",
+            d.id,
+            d.role,
+            size(d.needed_bytes),
+            d.reason
+        );
+    }
+    for t in targets.iter().filter(|t| t.protected.is_some()) {
+        let _ = writeln!(
+            out,
+            "protected: {} ({})",
+            t.device,
+            t.protected.as_deref().unwrap_or("")
+        );
+    }
+    for w in &plan.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::size;

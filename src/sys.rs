@@ -45,3 +45,70 @@ pub fn default_sigpipe() {
     // relies on SIGPIPE being ignored (writes to closed pipes end the process).
     let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
 }
+
+mod blk {
+    use std::os::raw::{c_int, c_longlong, c_void};
+
+    /// struct blkpg_partition from <linux/blkpg.h>.
+    #[repr(C)]
+    pub struct BlkpgPartition {
+        pub start: c_longlong,
+        pub length: c_longlong,
+        pub pno: c_int,
+        pub devname: [u8; 64],
+        pub volname: [u8; 64],
+    }
+
+    /// struct blkpg_ioctl_arg from <linux/blkpg.h>.
+    #[repr(C)]
+    pub struct BlkpgIoctlArg {
+        pub op: c_int,
+        pub flags: c_int,
+        pub datalen: c_int,
+        pub data: *mut c_void,
+    }
+
+    nix::ioctl_write_ptr_bad!(blkpg, nix::request_code_none!(0x12, 105), BlkpgIoctlArg);
+    nix::ioctl_none!(blkrrpart, 0x12, 95);
+}
+
+/// Asks the kernel to re-read the partition table (BLKRRPART). Kernels built
+/// without partition-table parsers accept it and find nothing.
+pub fn reread_partitions(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: BLKRRPART takes no argument.
+    unsafe { blk::blkrrpart(fd.as_raw_fd()) }
+        .map(drop)
+        .map_err(io::Error::from)
+}
+
+fn blkpg(fd: BorrowedFd<'_>, op: i32, number: u32, start: u64, length: u64) -> io::Result<()> {
+    let mut part = blk::BlkpgPartition {
+        start: i64::try_from(start).map_err(|_| io::Error::other("start out of range"))?,
+        length: i64::try_from(length).map_err(|_| io::Error::other("length out of range"))?,
+        pno: i32::try_from(number)
+            .map_err(|_| io::Error::other("partition number out of range"))?,
+        devname: [0; 64],
+        volname: [0; 64],
+    };
+    let arg = blk::BlkpgIoctlArg {
+        op,
+        flags: 0,
+        datalen: std::mem::size_of::<blk::BlkpgPartition>() as i32,
+        data: std::ptr::addr_of_mut!(part).cast(),
+    };
+    // SAFETY: arg points to a valid blkpg_partition that outlives the call;
+    // the kernel only reads it.
+    unsafe { blk::blkpg(fd.as_raw_fd(), &arg) }
+        .map(drop)
+        .map_err(io::Error::from)
+}
+
+/// Tells the kernel about one partition (BLKPG_ADD_PARTITION), as `partx -a` does.
+pub fn add_partition(fd: BorrowedFd<'_>, number: u32, start: u64, length: u64) -> io::Result<()> {
+    blkpg(fd, 1, number, start, length)
+}
+
+/// Makes the kernel forget one partition (BLKPG_DEL_PARTITION).
+pub fn delete_partition(fd: BorrowedFd<'_>, number: u32) -> io::Result<()> {
+    blkpg(fd, 2, number, 0, 0)
+}

@@ -51,23 +51,11 @@ fn default_disks(root: &Path, running: bool) -> Result<Vec<PathBuf>> {
     if running {
         nums.extend(mounts::active_swaps());
     }
-    let mut disks = BTreeSet::new();
-    for (major, minor) in nums {
-        // /sys/dev/block/M:m is the partition; its parent directory the disk.
-        let Ok(sys) = std::fs::canonicalize(format!("/sys/dev/block/{major}:{minor}")) else {
-            continue;
-        };
-        let disk = if sys.join("partition").exists() {
-            sys.parent().map(Path::to_path_buf)
-        } else {
-            Some(sys)
-        };
-        if let Some(name) =
-            disk.and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
-        {
-            disks.insert(PathBuf::from(format!("/dev/{name}")));
-        }
-    }
+    let disks: BTreeSet<PathBuf> = nums
+        .into_iter()
+        .filter_map(|(major, minor)| crate::targets::disk_of_devnum(major, minor))
+        .map(|name| PathBuf::from(format!("/dev/{name}")))
+        .collect();
     if disks.is_empty() {
         bail!(
             "no disk holds a filesystem mounted at {}; name the disks with --disk",

@@ -170,9 +170,16 @@ pub enum Role {
     Swap,
 }
 
+impl Role {
+    /// Boot-critical volumes: placed and restored first, never dropped.
+    pub fn is_critical(self) -> bool {
+        matches!(self, Role::Esp | Role::Boot | Role::System)
+    }
+}
+
 impl std::fmt::Display for Firmware {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             Firmware::Bios => "bios",
             Firmware::Uefi => "uefi",
         })
@@ -181,7 +188,7 @@ impl std::fmt::Display for Firmware {
 
 impl std::fmt::Display for TableType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             TableType::Gpt => "gpt",
             TableType::Mbr => "mbr",
             TableType::None => "no table",
@@ -191,7 +198,7 @@ impl std::fmt::Display for TableType {
 
 impl std::fmt::Display for Role {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             Role::Esp => "esp",
             Role::Boot => "boot",
             Role::System => "system",
