@@ -86,6 +86,11 @@ pub enum Cmd {
         #[arg(long, value_name = "FILE", default_value = crate::apply::DEFAULT_JOURNAL)]
         journal: PathBuf,
     },
+    /// Volume images: create, restore, inspect, verify.
+    Image {
+        #[command(subcommand)]
+        action: ImageCmd,
+    },
     /// Read a manifest from a recovery medium or a TOML file.
     Manifest {
         #[command(subcommand)]
@@ -136,6 +141,76 @@ impl PlanArgs {
         let plan = plan::plan(&manifest, &targets, &self.map, policy)?;
         Ok((manifest, targets, plan))
     }
+}
+
+/// The key of an encrypted image: a key file, or a passphrase in an environment variable.
+#[derive(Debug, clap::Args)]
+pub struct KeyArgs {
+    #[arg(long, value_name = "FILE", conflicts_with = "passphrase_env")]
+    pub key_file: Option<PathBuf>,
+    /// Name of an environment variable holding the passphrase (never a flag: it would show in ps).
+    #[arg(long, value_name = "VAR")]
+    pub passphrase_env: Option<String>,
+}
+
+impl KeyArgs {
+    pub fn secret(&self) -> Result<Option<Vec<u8>>> {
+        crate::image::crypto::secret(self.key_file.as_deref(), self.passphrase_env.as_deref())
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCmd {
+    /// Image a volume: used blocks only, metadata first, checksummed, compressed.
+    Create {
+        /// Block device or disk-image file holding the volume (opened read-only).
+        #[arg(long, value_name = "DEV")]
+        device: PathBuf,
+        /// Image file to write, or a directory repository (existing directory or a path ending in /).
+        #[arg(long, value_name = "DEST")]
+        to: PathBuf,
+        /// Store only the chunks that differ from this earlier image of the same volume.
+        #[arg(long, value_name = "IMAGE")]
+        parent: Option<PathBuf>,
+        /// zstd level (1-19).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+        level: i32,
+        /// Image name inside a repository.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+    /// Restore an image onto a partition (grown to fill it), or file by file with --files.
+    Restore {
+        #[arg(long, value_name = "IMAGE")]
+        from: PathBuf,
+        #[arg(long, value_name = "DEV")]
+        device: PathBuf,
+        /// New filesystem with the saved UUID and label, then a file copy: for a partition
+        /// smaller than the filesystem but big enough for its data.
+        #[arg(long)]
+        files: bool,
+        /// Leave the filesystem at its saved size.
+        #[arg(long)]
+        no_grow: bool,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+    /// What an image holds: volume identity, used and stored bytes, chunks, parent.
+    Info {
+        image: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+    /// Check every chunk against its hash; the first bad one is named with its offset.
+    Verify {
+        image: PathBuf,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -262,6 +337,7 @@ pub fn run() -> Result<ExitCode> {
                 plan.target_devices().join(", ")
             );
         }
+        Cmd::Image { action } => return crate::image::cli::run(action),
         Cmd::Manifest { action } => return manifest_cmd(action),
     }
     Ok(ExitCode::SUCCESS)

@@ -4,6 +4,7 @@
 mod apply;
 mod capture;
 mod cli;
+mod image;
 mod manifest;
 mod medium;
 mod plan;

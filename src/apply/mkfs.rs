@@ -7,6 +7,27 @@ use anyhow::{bail, Context, Result};
 use crate::manifest::Role;
 use crate::plan::VolumePlan;
 
+/// A filesystem to make: what it is and the identity it must carry.
+pub struct NewFs<'a> {
+    pub filesystem: &'a str,
+    pub uuid: &'a str,
+    pub label: &'a str,
+    pub role: Role,
+    pub size_bytes: u64,
+}
+
+impl<'a> From<&'a VolumePlan> for NewFs<'a> {
+    fn from(v: &'a VolumePlan) -> NewFs<'a> {
+        NewFs {
+            filesystem: &v.filesystem,
+            uuid: &v.uuid,
+            label: &v.label,
+            role: v.role,
+            size_bytes: v.size_bytes,
+        }
+    }
+}
+
 fn tool(name: &str, package: &str) -> Result<Command> {
     let found = std::env::var_os("PATH")
         .map(|paths| std::env::split_paths(&paths).any(|d| d.join(name).is_file()))
@@ -20,23 +41,23 @@ fn tool(name: &str, package: &str) -> Result<Command> {
 /// The command that makes `v`'s filesystem on `device`, and a follow-up
 /// where the tool cannot set everything at once.
 pub fn commands(
-    v: &VolumePlan,
+    v: &NewFs<'_>,
     device: &str,
     sector: u32,
     start_sector: u64,
 ) -> Result<Vec<Command>> {
     let label = |c: &mut Command, flag: &str| {
         if !v.label.is_empty() {
-            c.args([flag, &v.label]);
+            c.args([flag, v.label]);
         }
     };
     let mut cmds = Vec::new();
-    match v.filesystem.as_str() {
+    match v.filesystem {
         fs @ ("ext2" | "ext3" | "ext4") => {
             let mut c = tool("mke2fs", "e2fsprogs")?;
             c.args(["-q", "-F", "-t", fs]);
             if !v.uuid.is_empty() {
-                c.args(["-U", &v.uuid]);
+                c.args(["-U", v.uuid]);
             }
             label(&mut c, "-L");
             cmds.push(c);
@@ -78,14 +99,14 @@ pub fn commands(
                 let mut s = tool("ntfslabel", "ntfs-3g")?;
                 s.arg(format!("--new-serial={}", v.uuid));
                 s.arg(device);
-                s.arg(&v.label);
+                s.arg(v.label);
                 cmds.push(s);
             }
         }
         "swap" => {
             let mut c = tool("mkswap", "util-linux")?;
             if !v.uuid.is_empty() {
-                c.args(["-U", &v.uuid]);
+                c.args(["-U", v.uuid]);
             }
             label(&mut c, "-L");
             cmds.push(c);
@@ -103,19 +124,19 @@ pub fn commands(
             let mut c = tool("mkfs.btrfs", "btrfs-progs")?;
             c.arg("-f");
             if !v.uuid.is_empty() {
-                c.args(["-U", &v.uuid]);
+                c.args(["-U", v.uuid]);
             }
             label(&mut c, "-L");
             cmds.push(c);
         }
-        other => bail!("bmr cannot create a {other} filesystem for volume {}", v.id),
+        other => bail!("bmr cannot create a {other} filesystem"),
     }
     // The device goes last for the mkfs tools (ntfslabel already has it).
     cmds[0].arg(device);
     Ok(cmds)
 }
 
-pub fn run(v: &VolumePlan, device: &str, sector: u32, start_sector: u64) -> Result<()> {
+pub fn run(v: &NewFs<'_>, device: &str, sector: u32, start_sector: u64) -> Result<()> {
     for mut c in commands(v, device, sector, start_sector)? {
         let out = c.output().with_context(|| format!("running {c:?}"))?;
         if !out.status.success() {
@@ -132,25 +153,14 @@ pub fn run(v: &VolumePlan, device: &str, sector: u32, start_sector: u64) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::Action;
 
-    fn vol(fs: &str, uuid: &str, label: &str) -> VolumePlan {
-        VolumePlan {
-            id: "v".into(),
+    fn nf<'a>(filesystem: &'a str, uuid: &'a str, label: &'a str) -> NewFs<'a> {
+        NewFs {
+            filesystem,
+            uuid,
+            label,
             role: Role::Data,
-            filesystem: fs.into(),
-            uuid: uuid.into(),
-            label: label.into(),
-            action: Action::Create,
-            target_device: "/dev/vdb1".into(),
-            target_disk: "/dev/vdb".into(),
-            partition_number: 1,
-            start_bytes: 1 << 20,
             size_bytes: 100 << 20,
-            saved_size_bytes: 100 << 20,
-            min_size_bytes: 10 << 20,
-            used_bytes: None,
-            reason: String::new(),
         }
     }
 
@@ -164,7 +174,7 @@ mod tests {
     #[test]
     fn uuid_and_label_reach_each_tool() {
         let c = commands(
-            &vol("ext4", "22222222-0000-4000-8000-000000000002", "root"),
+            &nf("ext4", "22222222-0000-4000-8000-000000000002", "root"),
             "/dev/vdb1",
             512,
             2048,
@@ -185,7 +195,7 @@ mod tests {
                 "/dev/vdb1"
             ]
         );
-        let c = commands(&vol("vfat", "0E5F-0001", "ESP"), "/dev/vdb1", 4096, 256).unwrap();
+        let c = commands(&nf("vfat", "0E5F-0001", "ESP"), "/dev/vdb1", 4096, 256).unwrap();
         assert_eq!(
             argv(&c[0]),
             [
@@ -200,7 +210,7 @@ mod tests {
             ]
         );
         let c = commands(
-            &vol("ntfs", "689F0D966C3312E5", "DATA"),
+            &nf("ntfs", "689F0D966C3312E5", "DATA"),
             "/dev/vdb4",
             512,
             395264,
@@ -218,7 +228,7 @@ mod tests {
             ]
         );
         let c = commands(
-            &vol("swap", "33333333-0000-4000-8000-000000000003", ""),
+            &nf("swap", "33333333-0000-4000-8000-000000000003", ""),
             "/dev/vdb3",
             512,
             1,
@@ -233,7 +243,7 @@ mod tests {
                 "/dev/vdb3"
             ]
         );
-        let err = commands(&vol("zfs_member", "", ""), "/dev/vdb3", 512, 1)
+        let err = commands(&nf("zfs_member", "", ""), "/dev/vdb3", 512, 1)
             .unwrap_err()
             .to_string();
         assert!(err.contains("cannot create a zfs_member"), "{err}");

@@ -6,7 +6,7 @@
 
 mod journal;
 mod kernel;
-mod mkfs;
+pub mod mkfs;
 mod preflight;
 mod table;
 
@@ -147,7 +147,7 @@ fn steps<'a>(run: &mut Run<'a>) -> Result<()> {
             let sector = t.logical_sector_size;
             run.step(&format!("mkfs:{}", v.id), || {
                 mkfs::run(
-                    v,
+                    &v.into(),
                     &v.target_device,
                     sector,
                     v.start_bytes / u64::from(sector),

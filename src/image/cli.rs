@@ -1,0 +1,164 @@
+//! Output of the `bmr image` commands.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use serde_json::json;
+
+use super::create::{self, CreateOptions};
+use super::format::Kind;
+use super::read::Image;
+use super::{files, restore};
+use crate::cli::ImageCmd;
+use crate::report::size;
+
+fn rate(bytes: u64, secs: f64) -> String {
+    format!("{}/s", size((bytes as f64 / secs.max(0.001)) as u64))
+}
+
+pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
+    match cmd {
+        ImageCmd::Create {
+            device,
+            to,
+            parent,
+            level,
+            name,
+            key,
+        } => {
+            let o = CreateOptions {
+                device,
+                to,
+                parent,
+                secret: key.secret()?,
+                level,
+                chunk_size: create::DEFAULT_CHUNK,
+                name,
+            };
+            let c = create::create(&o)?;
+            println!(
+                "image {}: {} used, {} stored ({} chunks: {} stored, {} from the parent, {} already in the repository, {} zero) in {:.1} s ({})",
+                c.path.display(),
+                size(c.used_bytes),
+                size(c.stored_bytes),
+                c.chunks,
+                c.stored_chunks,
+                c.parent_chunks,
+                c.deduplicated,
+                c.zero_chunks,
+                c.seconds,
+                rate(c.used_bytes, c.seconds)
+            );
+        }
+        ImageCmd::Restore {
+            from,
+            device,
+            files: by_files,
+            no_grow,
+            key,
+        } => {
+            let img = Image::open(&from, key.secret()?.as_deref())?;
+            if by_files {
+                let copied = files::restore_files(&img, &device)?;
+                println!(
+                    "restored {} file by file onto {} ({} of file data)",
+                    from.display(),
+                    device.display(),
+                    size(copied)
+                );
+            } else {
+                let r = restore::restore(&img, &device, !no_grow)?;
+                println!(
+                    "restored {} onto {}: {} in {:.1} s ({}){}",
+                    from.display(),
+                    device.display(),
+                    size(r.written),
+                    r.seconds,
+                    rate(r.written, r.seconds),
+                    r.grown.map(|g| format!("; {g}")).unwrap_or_default()
+                );
+            }
+        }
+        ImageCmd::Info {
+            image,
+            json: as_json,
+            key,
+        } => {
+            let img = Image::open(&image, key.secret()?.as_deref())?;
+            let count = |k: Kind| img.entries.iter().filter(|e| e.kind == k).count();
+            let h = &img.header;
+            let info = json!({
+                "image_id": h.image_id,
+                "created": h.created,
+                "volume": h.volume,
+                "used_bytes": h.used_bytes,
+                "stored_bytes": img.stored_bytes(),
+                "map_source": h.map_source,
+                "chunk_size": h.chunk_size,
+                "compression": format!("{} level {}", h.compression, h.level),
+                "encrypted": h.encryption.is_some(),
+                "chunks": {"metadata": count(Kind::Meta), "data": count(Kind::Data), "zero": count(Kind::Zero), "parent": count(Kind::Parent), "repository": count(Kind::External)},
+                "parent": h.parent,
+                "chain_length": img.chain_len(),
+            });
+            if as_json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                let v = &h.volume;
+                println!(
+                    "image {} ({}), made {} by {}",
+                    h.image_id,
+                    image.display(),
+                    h.created,
+                    h.tool
+                );
+                println!(
+                    "volume: {} uuid {} label \"{}\", {} ({}-byte blocks)",
+                    v.filesystem,
+                    v.uuid,
+                    v.label,
+                    size(v.size_bytes),
+                    v.block_size
+                );
+                println!(
+                    "used {} (from {}), stored here {}",
+                    size(h.used_bytes),
+                    h.map_source,
+                    size(img.stored_bytes())
+                );
+                println!(
+                    "chunks of {}: {}",
+                    size(u64::from(h.chunk_size)),
+                    info["chunks"]
+                );
+                println!(
+                    "{}, {}",
+                    info["compression"].as_str().unwrap_or_default(),
+                    if h.encryption.is_some() {
+                        "encrypted (XChaCha20-Poly1305, Argon2id)"
+                    } else {
+                        "not encrypted"
+                    }
+                );
+                if let Some(p) = &h.parent {
+                    println!(
+                        "incremental on {} ({}); chain of {} images",
+                        p.image_id,
+                        p.file,
+                        img.chain_len()
+                    );
+                }
+            }
+        }
+        ImageCmd::Verify { image, key } => {
+            let img = Image::open(&image, key.secret()?.as_deref())?;
+            let n = restore::verify(&img)?;
+            println!(
+                "{}: all {n} chunks match their hashes (chain of {} images)",
+                image.display(),
+                img.chain_len()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

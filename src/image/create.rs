@@ -1,0 +1,506 @@
+//! `bmr image create`: read a volume's used chunks (metadata first), hash,
+//! compress and seal them on both cores while the next batch is read, and
+//! write the image with its index and trailer.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Seek, Write};
+use std::ops::Range;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use uuid::Uuid;
+
+use super::crypto::{self, Key};
+use super::format::{
+    self, Entry, Header, Kind, ParentRef, Record, Trailer, VolumeInfo, FLAG_COMPRESSED,
+    FLAG_ENCRYPTED,
+};
+use super::progress::Progress;
+use super::read::Image;
+use super::store::DirStore;
+use super::used::{self, UsedMap};
+
+pub const DEFAULT_CHUNK: u32 = 1 << 20;
+const BATCH: usize = 16;
+
+pub struct CreateOptions {
+    pub device: PathBuf,
+    pub to: PathBuf,
+    pub parent: Option<PathBuf>,
+    pub secret: Option<Vec<u8>>,
+    pub level: i32,
+    pub chunk_size: u32,
+    /// Image name inside a repository (default: from the volume).
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Created {
+    pub path: PathBuf,
+    pub chunks: u64,
+    pub stored_chunks: u64,
+    pub parent_chunks: u64,
+    pub zero_chunks: u64,
+    pub deduplicated: u64,
+    pub used_bytes: u64,
+    pub stored_bytes: u64,
+    pub seconds: f64,
+}
+
+/// Size of a block device or a regular file holding a volume.
+pub fn device_size(dev: &Path) -> Result<u64> {
+    let f = File::open(dev).with_context(|| format!("opening {}", dev.display()))?;
+    let meta = f.metadata()?;
+    if meta.file_type().is_block_device() {
+        Ok(crate::sys::block_size_bytes(f.as_fd())?)
+    } else if meta.is_file() {
+        Ok(meta.len())
+    } else {
+        bail!(
+            "{} is neither a block device nor a disk-image file",
+            dev.display()
+        )
+    }
+}
+
+fn intersects(ranges: &[Range<u64>], r: &Range<u64>) -> bool {
+    let i = ranges.partition_point(|x| x.end <= r.start);
+    ranges.get(i).is_some_and(|x| x.start < r.end)
+}
+
+/// Zeroes the parts of a chunk that no used range covers: free blocks hold
+/// nothing worth keeping, and zeros compress to nothing.
+fn mask(data: &mut [u8], at: u64, used: &[Range<u64>]) {
+    let end = at + data.len() as u64;
+    let mut pos = at;
+    let mut i = used.partition_point(|x| x.end <= at);
+    while pos < end {
+        let next_used = used.get(i).map_or(end, |r| r.start.max(pos).min(end));
+        data[(pos - at) as usize..(next_used - at) as usize].fill(0);
+        match used.get(i) {
+            Some(r) if r.start < end => {
+                pos = r.end.min(end);
+                i += 1;
+            }
+            _ => pos = end,
+        }
+    }
+}
+
+struct Job {
+    offset: u64,
+    meta: bool,
+    data: Vec<u8>,
+}
+
+fn seal_chunk(
+    job: Job,
+    key: Option<&Key>,
+    parent: Option<&Image>,
+    store: Option<&DirStore>,
+    level: i32,
+) -> Result<(Record, bool)> {
+    let raw_len = job.data.len() as u32;
+    if job.data.iter().all(|&b| b == 0) {
+        return Ok((
+            Record {
+                kind: Kind::Zero,
+                offset: job.offset,
+                raw_len,
+                flags: 0,
+                id: [0; 32],
+                payload: Vec::new(),
+            },
+            false,
+        ));
+    }
+    let id = match key {
+        Some(k) => k.chunk_id(&job.data),
+        None => *blake3::hash(&job.data).as_bytes(),
+    };
+    if let Some(pe) = parent.and_then(|p| p.entry_at(job.offset)) {
+        if pe.id == id && pe.raw_len == raw_len && pe.kind != Kind::Zero {
+            return Ok((
+                Record {
+                    kind: Kind::Parent,
+                    offset: job.offset,
+                    raw_len,
+                    flags: 0,
+                    id,
+                    payload: Vec::new(),
+                },
+                false,
+            ));
+        }
+    }
+    if let Some(s) = store {
+        if s.has(&id) {
+            return Ok((
+                Record {
+                    kind: Kind::External,
+                    offset: job.offset,
+                    raw_len,
+                    flags: 0,
+                    id,
+                    payload: Vec::new(),
+                },
+                true,
+            ));
+        }
+    }
+    let compressed = zstd::bulk::compress(&job.data, level).context("compressing")?;
+    let (mut flags, mut payload) = if compressed.len() < job.data.len() {
+        (FLAG_COMPRESSED, compressed)
+    } else {
+        (0, job.data)
+    };
+    if let Some(k) = key {
+        payload = k.seal(&id, &payload)?;
+        flags |= FLAG_ENCRYPTED;
+    }
+    if let Some(s) = store {
+        s.put(&id, flags, &payload)?;
+        return Ok((
+            Record {
+                kind: Kind::External,
+                offset: job.offset,
+                raw_len,
+                flags,
+                id,
+                payload: Vec::new(),
+            },
+            false,
+        ));
+    }
+    let kind = if job.meta { Kind::Meta } else { Kind::Data };
+    Ok((
+        Record {
+            kind,
+            offset: job.offset,
+            raw_len,
+            flags,
+            id,
+            payload,
+        },
+        false,
+    ))
+}
+
+/// Chunk offsets in writing order: those holding metadata first, then the
+/// rest of the used ones, each group ascending.
+fn order(map: &UsedMap, chunk: u64) -> Vec<(u64, bool)> {
+    let n = map.size.div_ceil(chunk);
+    let mut meta = Vec::new();
+    let mut data = Vec::new();
+    for c in 0..n {
+        let r = c * chunk..((c + 1) * chunk).min(map.size);
+        if intersects(&map.metadata, &r) {
+            meta.push((r.start, true));
+        } else if intersects(&map.used, &r) {
+            data.push((r.start, false));
+        }
+    }
+    meta.extend(data);
+    meta
+}
+
+fn destination(
+    o: &CreateOptions,
+    volume: &VolumeInfo,
+    dev: &Path,
+) -> Result<(PathBuf, Option<DirStore>)> {
+    let is_dir = o.to.is_dir() || o.to.as_os_str().to_string_lossy().ends_with('/');
+    if is_dir {
+        let store = DirStore::open(&o.to, true)?;
+        let base = o.name.clone().unwrap_or_else(|| {
+            let who = [volume.label.as_str(), volume.uuid.as_str()]
+                .into_iter()
+                .find(|s| !s.is_empty())
+                .map(str::to_string)
+                .unwrap_or_else(|| {
+                    dev.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| "volume".into())
+                });
+            let stamp = time::OffsetDateTime::now_utc()
+                .format(&time::macros::format_description!(
+                    "[year][month][day]-[hour][minute][second]"
+                ))
+                .unwrap_or_default();
+            format!("{who}-{stamp}")
+        });
+        let path = store.images_dir().join(format!("{base}.bmri"));
+        if path.exists() {
+            bail!(
+                "{} already exists in the repository; choose another --name",
+                path.display()
+            );
+        }
+        Ok((path, Some(store)))
+    } else {
+        if o.to.exists() {
+            bail!("{} already exists; remove it or choose another name (bmr does not overwrite images)", o.to.display());
+        }
+        Ok((o.to.clone(), None))
+    }
+}
+
+pub fn create(o: &CreateOptions) -> Result<Created> {
+    let size = device_size(&o.device)?;
+    let fs = crate::probe::fs::identify(&o.device)?;
+    let fstype = fs
+        .as_ref()
+        .map_or("unknown", |f| f.filesystem.as_str())
+        .to_string();
+    let map = used::used_map(&o.device, &fstype)
+        .with_context(|| format!("reading what is in use on {}", o.device.display()))?;
+    let parent = match &o.parent {
+        Some(p) => Some(
+            Image::open(p, o.secret.as_deref())
+                .with_context(|| format!("opening the parent image {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let (key, encryption) = match (
+        &o.secret,
+        parent.as_ref().and_then(|p| p.header.encryption.clone()),
+    ) {
+        // Same key parameters as the parent, so keyed chunk ids compare.
+        (Some(s), Some(params)) => (Some(crypto::open(s, &params)?), Some(params)),
+        (Some(s), None) => {
+            if parent.is_some() {
+                bail!("the parent image is not encrypted; an incremental image uses its parent's encryption");
+            }
+            let (k, p) = crypto::create(s)?;
+            (Some(k), Some(p))
+        }
+        (None, Some(_)) => {
+            bail!("the parent image is encrypted: give its --key-file or --passphrase-env")
+        }
+        (None, None) => (None, None),
+    };
+    let volume = VolumeInfo {
+        filesystem: fstype.clone(),
+        uuid: fs.as_ref().map(|f| f.uuid.clone()).unwrap_or_default(),
+        label: fs.as_ref().map(|f| f.label.clone()).unwrap_or_default(),
+        size_bytes: size,
+        block_size: map.unit,
+    };
+    if let Some(p) = &parent {
+        if p.header.volume.size_bytes != size {
+            bail!(
+                "the parent image is of a {} byte volume, {} has {} bytes: not the same volume",
+                p.header.volume.size_bytes,
+                o.device.display(),
+                size
+            );
+        }
+    }
+    let (path, store) = destination(o, &volume, &o.device)?;
+    let used_bytes: u64 = map.used.iter().map(|r| r.end - r.start).sum();
+    let header = Header {
+        format: format::FORMAT,
+        image_id: Uuid::new_v4(),
+        parent: parent.as_ref().map(|p| ParentRef {
+            image_id: p.header.image_id,
+            file: p
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            index_hash: format::hex(&p.index_hash),
+        }),
+        created: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+        tool: format!("bmr {}", env!("CARGO_PKG_VERSION")),
+        volume,
+        chunk_size: o.chunk_size,
+        compression: "zstd".into(),
+        level: o.level,
+        encryption,
+        map_source: map.source.clone(),
+        used_bytes,
+        exceptions: Vec::new(),
+    };
+
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp",
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    let result = write_image(
+        o,
+        &map,
+        &header,
+        &tmp,
+        key.as_ref(),
+        parent.as_ref(),
+        store.as_ref(),
+    );
+    match result {
+        Ok(mut created) => {
+            fs::rename(&tmp, &path)
+                .with_context(|| format!("moving the image into place at {}", path.display()))?;
+            created.path = path;
+            created.used_bytes = used_bytes;
+            Ok(created)
+        }
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn write_image(
+    o: &CreateOptions,
+    map: &UsedMap,
+    header: &Header,
+    tmp: &Path,
+    key: Option<&Key>,
+    parent: Option<&Image>,
+    store: Option<&DirStore>,
+) -> Result<Created> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(tmp)
+        .with_context(|| format!("creating {} (is the destination writable?)", tmp.display()))?;
+    let mut w = BufWriter::with_capacity(4 << 20, file);
+    let mut pos = format::write_header(&mut w, header)?;
+    let chunk = u64::from(o.chunk_size);
+    let plan = order(map, chunk);
+    let total: u64 = plan.iter().map(|(off, _)| chunk.min(map.size - off)).sum();
+    let mut progress = Progress::new(&format!("imaging {}", o.device.display()), total);
+
+    // A reader thread keeps the next batches coming while this one is sealed.
+    let (tx, rx) = mpsc::sync_channel::<Result<Vec<Job>>>(2);
+    let device = o.device.clone();
+    let used = map.used.clone();
+    let size = map.size;
+    let reader = std::thread::spawn(move || {
+        let f = match File::open(&device) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = tx.send(Err(e.into()));
+                return;
+            }
+        };
+        for batch in plan.chunks(BATCH) {
+            let jobs: Result<Vec<Job>> = batch
+                .iter()
+                .map(|&(offset, meta)| {
+                    let mut data = vec![0u8; chunk.min(size - offset) as usize];
+                    f.read_exact_at(&mut data, offset)
+                        .with_context(|| format!("reading {} at {offset}", device.display()))?;
+                    mask(&mut data, offset, &used);
+                    Ok(Job { offset, meta, data })
+                })
+                .collect();
+            let failed = jobs.is_err();
+            if tx.send(jobs).is_err() || failed {
+                return;
+            }
+        }
+    });
+
+    let mut entries = Vec::new();
+    let mut c = Created::default();
+    for batch in rx {
+        let jobs = batch?;
+        let n: u64 = jobs.iter().map(|j| j.data.len() as u64).sum();
+        let sealed: Vec<Result<(Record, bool)>> = jobs
+            .into_par_iter()
+            .map(|j| seal_chunk(j, key, parent, store, o.level))
+            .collect();
+        for s in sealed {
+            let (rec, dedup) = s?;
+            c.chunks += 1;
+            match rec.kind {
+                Kind::Zero => c.zero_chunks += 1,
+                Kind::Parent => c.parent_chunks += 1,
+                Kind::External if dedup => c.deduplicated += 1,
+                _ => c.stored_chunks += 1,
+            }
+            c.stored_bytes += rec.payload.len() as u64;
+            entries.push(Entry {
+                kind: rec.kind,
+                offset: rec.offset,
+                raw_len: rec.raw_len,
+                flags: rec.flags,
+                id: rec.id,
+                pos: pos + format::record_len(&rec) - rec.payload.len() as u64,
+                stored_len: rec.payload.len() as u32,
+            });
+            format::write_record(&mut w, &rec)?;
+            pos += format::record_len(&rec);
+        }
+        progress.add(n);
+    }
+    reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the reader thread failed"))?;
+    format::write_end(&mut w)?;
+    pos += 1;
+    entries.sort_by_key(|e| e.offset);
+    let index = format::encode_index(&entries);
+    w.write_all(&index)?;
+    let trailer = Trailer {
+        index_pos: pos,
+        index_len: index.len() as u64,
+        index_hash: *blake3::hash(&index).as_bytes(),
+        records: entries.len() as u64,
+    };
+    w.write_all(&format::encode_trailer(&trailer))?;
+    let mut file = w.into_inner().map_err(|e| e.into_error())?;
+    file.flush()?;
+    file.sync_all().context("flushing the image")?;
+    let _ = file.stream_position();
+    c.seconds = progress.finish();
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masking_keeps_only_used_bytes() {
+        let mut d = vec![0xFFu8; 16];
+        mask(&mut d, 100, &[90..102, 105..107, 114..200]);
+        assert_eq!(
+            d,
+            [255, 255, 0, 0, 0, 255, 255, 0, 0, 0, 0, 0, 0, 0, 255, 255]
+        );
+        let mut d = vec![1u8; 4];
+        mask(&mut d, 0, &[]);
+        assert_eq!(d, [0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn metadata_chunks_come_first() {
+        let map = UsedMap {
+            size: 10 << 20,
+            unit: 4096,
+            used: vec![0..4096, (3 << 20)..(5 << 20) + 1],
+            metadata: std::iter::once((4 << 20)..(4 << 20) + 10).collect(),
+            source: String::new(),
+        };
+        let o = order(&map, 1 << 20);
+        assert_eq!(
+            o,
+            vec![
+                (4 << 20, true),
+                (0, false),
+                (3 << 20, false),
+                (5 << 20, false)
+            ]
+        );
+    }
+}

@@ -1,0 +1,14 @@
+//! Volume images (seed 004): used blocks only, metadata first, each chunk
+//! identified by its BLAKE3 hash, zstd-compressed, optionally encrypted, and
+//! incremental against a parent. The format is in docs/image-format.md.
+
+pub mod cli;
+pub mod create;
+pub mod crypto;
+pub mod files;
+pub mod format;
+pub mod progress;
+pub mod read;
+pub mod restore;
+pub mod store;
+pub mod used;

@@ -1,0 +1,67 @@
+//! Progress of long work: a live line (bytes, rate, ETA) on a terminal,
+//! plain lines every 10% otherwise (logs, serial consoles).
+
+use std::io::{IsTerminal, Write};
+use std::time::Instant;
+
+use crate::report::size;
+
+pub struct Progress {
+    what: String,
+    total: u64,
+    done: u64,
+    start: Instant,
+    tty: bool,
+    last_tenth: u64,
+}
+
+impl Progress {
+    pub fn new(what: &str, total: u64) -> Progress {
+        Progress {
+            what: what.to_string(),
+            total,
+            done: 0,
+            start: Instant::now(),
+            tty: std::io::stderr().is_terminal(),
+            last_tenth: 0,
+        }
+    }
+
+    pub fn add(&mut self, n: u64) {
+        self.done += n;
+        let secs = self.start.elapsed().as_secs_f64().max(0.001);
+        let rate = self.done as f64 / secs;
+        let eta = if rate > 0.0 {
+            (self.total.saturating_sub(self.done)) as f64 / rate
+        } else {
+            0.0
+        };
+        let pct = self
+            .done
+            .saturating_mul(100)
+            .checked_div(self.total)
+            .unwrap_or(100);
+        let line = format!(
+            "{}: {} of {} ({pct}%), {}/s, ETA {:.0} s",
+            self.what,
+            size(self.done),
+            size(self.total),
+            size(rate as u64),
+            eta
+        );
+        if self.tty {
+            eprint!("\r{line}\x1b[K");
+            let _ = std::io::stderr().flush();
+        } else if pct / 10 > self.last_tenth {
+            self.last_tenth = pct / 10;
+            eprintln!("{line}");
+        }
+    }
+
+    pub fn finish(&self) -> f64 {
+        if self.tty {
+            eprintln!();
+        }
+        self.start.elapsed().as_secs_f64()
+    }
+}

@@ -1,0 +1,254 @@
+//! Opening an image and everything it depends on (its parents, its
+//! repository, its key), checked whole before a single byte is restored.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+
+use super::crypto::{self, Key};
+use super::format::{self, Entry, Header, Kind, FLAG_COMPRESSED, FLAG_ENCRYPTED};
+use super::store::DirStore;
+
+pub struct Image {
+    pub path: PathBuf,
+    pub header: Header,
+    pub entries: Vec<Entry>,
+    pub index_hash: [u8; 32],
+    file: File,
+    key: Option<Key>,
+    store: Option<DirStore>,
+    pub parent: Option<Box<Image>>,
+}
+
+impl Image {
+    /// Opens `path` and its parent chain. A missing or wrong parent, a wrong
+    /// key or a damaged index is an error here, before anything is written.
+    pub fn open(path: &Path, secret: Option<&[u8]>) -> Result<Image> {
+        let mut file =
+            File::open(path).with_context(|| format!("opening image {}", path.display()))?;
+        let (header, _) = format::read_header(&mut BufReader::new(&mut file))
+            .with_context(|| format!("{}", path.display()))?;
+        let len = file.metadata()?.len();
+        ensure!(
+            len >= format::TRAILER_LEN as u64,
+            "{}: the image is truncated (no trailer)",
+            path.display()
+        );
+        let mut tb = vec![0u8; format::TRAILER_LEN];
+        file.read_exact_at(&mut tb, len - format::TRAILER_LEN as u64)?;
+        let trailer = format::decode_trailer(&tb).with_context(|| format!("{}", path.display()))?;
+        ensure!(
+            trailer
+                .index_pos
+                .checked_add(trailer.index_len)
+                .is_some_and(|e| e <= len - format::TRAILER_LEN as u64)
+                && trailer.index_len < 1 << 32,
+            "{}: the trailer points outside the image: damaged",
+            path.display()
+        );
+        let mut index = vec![0u8; trailer.index_len as usize];
+        file.read_exact_at(&mut index, trailer.index_pos)?;
+        ensure!(
+            blake3::hash(&index).as_bytes() == &trailer.index_hash,
+            "{}: the image index is damaged (checksum mismatch)",
+            path.display()
+        );
+        let entries = format::decode_index(&index, header.volume.size_bytes)
+            .with_context(|| format!("{}", path.display()))?;
+        for e in &entries {
+            ensure!(
+                !e.kind.has_payload()
+                    || e.pos
+                        .checked_add(u64::from(e.stored_len))
+                        .is_some_and(|end| end <= trailer.index_pos),
+                "{}: index entry at volume offset {} points outside the records: damaged",
+                path.display(),
+                e.offset
+            );
+        }
+        let key = match (&header.encryption, secret) {
+            (None, _) => None,
+            (Some(p), Some(s)) => {
+                Some(crypto::open(s, p).with_context(|| format!("{}", path.display()))?)
+            }
+            (Some(_), None) => bail!(
+                "{} is encrypted: give --key-file or --passphrase-env",
+                path.display()
+            ),
+        };
+        let store = if entries.iter().any(|e| e.kind == Kind::External) {
+            Some(DirStore::of_image(path).ok_or_else(|| anyhow!("{} refers to a repository's chunks but is not inside a repository's images/ directory", path.display()))?)
+        } else {
+            None
+        };
+        let parent = match &header.parent {
+            None => None,
+            Some(p) => {
+                let dir = path.parent().unwrap_or(Path::new("."));
+                let candidate = dir.join(&p.file);
+                let parent = Image::open(&candidate, secret).with_context(|| {
+                    format!(
+                        "{} is incremental on image {} ({}), which cannot be opened",
+                        path.display(),
+                        p.image_id,
+                        candidate.display()
+                    )
+                })?;
+                ensure!(
+                    parent.header.image_id == p.image_id
+                        && format::hex(&parent.index_hash) == p.index_hash,
+                    "{}: its parent {} is not the image it was made from (id or index differs)",
+                    path.display(),
+                    candidate.display()
+                );
+                Some(Box::new(parent))
+            }
+        };
+        Ok(Image {
+            path: path.to_path_buf(),
+            header,
+            entries,
+            index_hash: trailer.index_hash,
+            file,
+            key,
+            store,
+            parent,
+        })
+    }
+
+    pub fn chain_len(&self) -> usize {
+        1 + self.parent.as_ref().map_or(0, |p| p.chain_len())
+    }
+
+    pub fn entry_at(&self, offset: u64) -> Option<&Entry> {
+        self.entries
+            .binary_search_by_key(&offset, |e| e.offset)
+            .ok()
+            .map(|i| &self.entries[i])
+    }
+
+    /// The chunk's plain bytes, checked against its id.
+    pub fn chunk(&self, e: &Entry) -> Result<Vec<u8>> {
+        match e.kind {
+            Kind::Zero => Ok(vec![0u8; e.raw_len as usize]),
+            Kind::Parent => {
+                let parent = self.parent.as_ref().ok_or_else(|| {
+                    anyhow!(
+                        "chunk at {} refers to a parent this image does not have",
+                        e.offset
+                    )
+                })?;
+                let pe = parent.entry_at(e.offset).ok_or_else(|| {
+                    anyhow!("the parent has no chunk at volume offset {}", e.offset)
+                })?;
+                ensure!(
+                    pe.id == e.id || pe.kind == Kind::Zero,
+                    "the parent's chunk at volume offset {} is not the one recorded",
+                    e.offset
+                );
+                parent.chunk(pe)
+            }
+            Kind::External => {
+                let store = self
+                    .store
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("no repository for chunk at {}", e.offset))?;
+                let (flags, payload) = store.get(&e.id)?;
+                self.decode(e, flags, payload)
+            }
+            Kind::Meta | Kind::Data => {
+                let mut payload = vec![0u8; e.stored_len as usize];
+                self.file
+                    .read_exact_at(&mut payload, e.pos)
+                    .with_context(|| format!("reading the chunk at volume offset {}", e.offset))?;
+                self.decode(e, e.flags, payload)
+            }
+        }
+    }
+
+    fn decode(&self, e: &Entry, flags: u8, payload: Vec<u8>) -> Result<Vec<u8>> {
+        let at = || {
+            format!(
+                "chunk at volume offset {} ({})",
+                e.offset,
+                self.path.display()
+            )
+        };
+        let plain = if flags & FLAG_ENCRYPTED != 0 {
+            let key = self
+                .key
+                .as_ref()
+                .ok_or_else(|| anyhow!("{}: encrypted, but no key", at()))?;
+            key.open(&e.id, &payload).with_context(at)?
+        } else {
+            payload
+        };
+        let raw = if flags & FLAG_COMPRESSED != 0 {
+            let mut out = Vec::with_capacity(e.raw_len as usize);
+            zstd::stream::read::Decoder::new(&plain[..])
+                .with_context(at)?
+                .take(u64::from(e.raw_len) + 1)
+                .read_to_end(&mut out)
+                .with_context(|| format!("{}: does not decompress", at()))?;
+            out
+        } else {
+            plain
+        };
+        ensure!(
+            raw.len() == e.raw_len as usize,
+            "{}: {} bytes instead of {}: damaged",
+            at(),
+            raw.len(),
+            e.raw_len
+        );
+        let id = match &self.key {
+            Some(k) => k.chunk_id(&raw),
+            None => *blake3::hash(&raw).as_bytes(),
+        };
+        ensure!(
+            id == e.id,
+            "{}: content does not match its hash: damaged",
+            at()
+        );
+        Ok(raw)
+    }
+
+    /// Bytes stored in this image file for chunks (not counting parents or repository).
+    pub fn stored_bytes(&self) -> u64 {
+        self.entries
+            .iter()
+            .filter(|e| e.kind.has_payload())
+            .map(|e| u64::from(e.stored_len))
+            .sum()
+    }
+
+    /// Reads the records front to back, as a tape would, checking that they
+    /// match the index: a sequential reader needs nothing from the end.
+    pub fn sequential_check(&self) -> Result<()> {
+        let mut f = BufReader::new(File::open(&self.path)?);
+        let (_, start) = format::read_header(&mut f)?;
+        f.seek(SeekFrom::Start(start))?;
+        let mut seen = Vec::new();
+        while let Some(rec) = format::read_record(&mut f)? {
+            seen.push((rec.offset, rec.kind, rec.id));
+        }
+        seen.sort_by_key(|s| s.0);
+        ensure!(
+            seen.len() == self.entries.len(),
+            "{} records but {} index entries",
+            seen.len(),
+            self.entries.len()
+        );
+        for (s, e) in seen.iter().zip(&self.entries) {
+            ensure!(
+                *s == (e.offset, e.kind, e.id),
+                "the record at volume offset {} does not match the index",
+                s.0
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,205 @@
+//! `bmr image restore`: every chunk decoded and checked on both cores, written
+//! in large writes inside the partition's bounds, the first chunk (where
+//! filesystems keep their superblock or boot sector) last; then the
+//! filesystem is grown to fill the partition.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+
+use super::create::device_size;
+use super::format::Entry;
+use super::progress::Progress;
+use super::read::Image;
+use crate::report::size;
+
+const BATCH: usize = 16;
+
+/// A writer that cannot write past the end of its partition (STYLE.md habit 5).
+pub struct Bounded {
+    file: File,
+    limit: u64,
+}
+
+impl Bounded {
+    pub fn new(file: File, limit: u64) -> Bounded {
+        Bounded { file, limit }
+    }
+
+    pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
+        let end = offset.saturating_add(data.len() as u64);
+        if end > self.limit {
+            bail!(
+                "refusing to write {}..{end}: past the end of the partition ({} bytes)",
+                offset,
+                self.limit
+            );
+        }
+        self.file
+            .write_all_at(data, offset)
+            .with_context(|| format!("writing at {offset}"))
+    }
+}
+
+pub struct Restored {
+    pub written: u64,
+    pub seconds: f64,
+    pub grown: Option<String>,
+}
+
+/// Restores `img` onto `dev`, which must be at least the volume's size.
+pub fn restore(img: &Image, dev: &Path, grow: bool) -> Result<Restored> {
+    let vol = &img.header.volume;
+    let target = device_size(dev)?;
+    if target < vol.size_bytes {
+        bail!(
+            "{} ({}) is smaller than the filesystem in the image ({}); restore file by file with --files onto a partition of at least the used size",
+            dev.display(),
+            size(target),
+            size(vol.size_bytes)
+        );
+    }
+    let out = Bounded::new(
+        OpenOptions::new()
+            .write(true)
+            .open(dev)
+            .with_context(|| format!("opening {} for writing", dev.display()))?,
+        target,
+    );
+    let mut entries: Vec<&Entry> = img.entries.iter().collect();
+    entries.sort_by_key(|e| e.offset);
+    // Boot sector / superblock last: until everything else is in, the target does not look like a filesystem.
+    let first = entries
+        .iter()
+        .position(|e| e.offset == 0)
+        .map(|i| entries.remove(i));
+    let total: u64 = img.entries.iter().map(|e| u64::from(e.raw_len)).sum();
+    let mut progress = Progress::new(&format!("restoring {}", dev.display()), total);
+    let result = (|| -> Result<()> {
+        // The start is zeroed first, so an interrupted restore leaves no mountable filesystem.
+        out.write_at(&vec![0u8; (1u64 << 20).min(target) as usize], 0)?;
+        for batch in entries.chunks(BATCH) {
+            let chunks: Vec<Result<Vec<u8>>> = batch.par_iter().map(|e| img.chunk(e)).collect();
+            for (e, data) in batch.iter().zip(chunks) {
+                out.write_at(&data?, e.offset)?;
+                progress.add(u64::from(e.raw_len));
+            }
+        }
+        if let Some(e) = first {
+            let data = img.chunk(e)?;
+            out.file.sync_data()?;
+            out.write_at(&data, 0)?;
+            progress.add(u64::from(e.raw_len));
+        }
+        out.file.sync_all().context("flushing the restored volume")
+    })();
+    if let Err(e) = result {
+        // Leave it unmountable rather than silently wrong.
+        let _ = out.write_at(&vec![0u8; (1u64 << 20).min(target) as usize], 0);
+        let _ = out.file.sync_all();
+        return Err(e.context(format!(
+            "the restore of {} stopped; its start was zeroed so it cannot be mounted half-restored",
+            dev.display()
+        )));
+    }
+    let seconds = progress.finish();
+    // A failed grow leaves a good filesystem of the saved size: say so, do not fail.
+    let grown = (grow && target > vol.size_bytes).then(|| {
+        grow_fs(&vol.filesystem, dev)
+            .unwrap_or_else(|e| format!("not grown ({e:#}); the filesystem keeps its saved size"))
+    });
+    Ok(Restored {
+        written: total,
+        seconds,
+        grown,
+    })
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Grows the restored filesystem to the partition with the filesystem's own tool.
+pub fn grow_fs(fs: &str, dev: &Path) -> Result<String> {
+    match fs {
+        "ext2" | "ext3" | "ext4" => {
+            // resize2fs insists on a freshly checked filesystem.
+            let status = Command::new("e2fsck")
+                .args(["-f", "-p"])
+                .arg(dev)
+                .stdin(Stdio::null())
+                .status()
+                .context("running e2fsck")?;
+            if status.code().unwrap_or(8) >= 4 {
+                bail!(
+                    "e2fsck found errors it could not fix on {}; not growing it",
+                    dev.display()
+                );
+            }
+            run(Command::new("resize2fs").arg(dev))?;
+            Ok("grown with resize2fs".into())
+        }
+        "ntfs" => {
+            run(Command::new("ntfsresize")
+                .args(["--force", "--no-action"])
+                .arg(dev))
+            .context("checking the NTFS before growing")?;
+            run(Command::new("ntfsresize").args(["--force"]).arg(dev))?;
+            Ok("grown with ntfsresize".into())
+        }
+        "vfat" => {
+            if which("fatresize") {
+                run(Command::new("fatresize").args(["--size", "max"]).arg(dev))?;
+                Ok("grown with fatresize".into())
+            } else {
+                Ok("not grown: fatresize is not installed, the FAT keeps its size".into())
+            }
+        }
+        "swap" => Ok("swap keeps its size".into()),
+        other => Ok(format!("not grown: bmr does not know how to grow {other}")),
+    }
+}
+
+fn which(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+}
+
+/// Checks every chunk of the image (and its parents) against its hash.
+pub fn verify(img: &Image) -> Result<u64> {
+    img.sequential_check()?;
+    let mut entries: Vec<&Entry> = img.entries.iter().collect();
+    entries.sort_by_key(|e| e.offset);
+    let mut progress = Progress::new(
+        &format!("verifying {}", img.path.display()),
+        img.entries.iter().map(|e| u64::from(e.raw_len)).sum(),
+    );
+    let mut n = 0;
+    for batch in entries.chunks(BATCH) {
+        let results: Vec<Result<Vec<u8>>> = batch.par_iter().map(|e| img.chunk(e)).collect();
+        for (e, r) in batch.iter().zip(results) {
+            r.with_context(|| {
+                format!("first bad chunk: volume offset {} ({:?})", e.offset, e.kind)
+            })?;
+            n += 1;
+            progress.add(u64::from(e.raw_len));
+        }
+    }
+    progress.finish();
+    Ok(n)
+}

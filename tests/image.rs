@@ -1,0 +1,466 @@
+//! Volume images on real filesystems made by the real tools: round trips,
+//! file-level restore, incremental chains, repository dedup, encryption and
+//! every kind of damage.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+
+fn file(dir: &Path, name: &str, mib: u64) -> PathBuf {
+    let p = dir.join(name);
+    fs::File::create(&p).unwrap().set_len(mib << 20).unwrap();
+    p
+}
+
+/// Mounts a filesystem image through a loop device (kernel ext4) or ntfs-3g.
+fn mount_img(img: &Path, dir: &Path, ntfs: bool, ro: bool) -> Mounted {
+    fs::create_dir_all(dir).unwrap();
+    if ntfs {
+        run(Command::new("ntfs-3g")
+            .args(if ro { vec!["-o", "ro"] } else { vec![] })
+            .arg(img)
+            .arg(dir));
+    } else {
+        run(Command::new("mount")
+            .args(["-o", if ro { "ro,loop" } else { "loop" }])
+            .arg(img)
+            .arg(dir));
+    }
+    Mounted {
+        dir: dir.to_path_buf(),
+    }
+}
+
+/// Everything a file-level comparison should see: names, types, modes,
+/// owners, times, sizes, link counts and targets, xattrs, content hashes.
+fn tree(dir: &Path) -> String {
+    sh(&format!(
+        "cd {} && find . -path ./lost+found -prune -o -printf '%p %y %m %U %G %T@ %s %n %l\\n' | awk '$2==\"d\"{{$7=\"-\"}}1' | sort && \
+         find . -path ./lost+found -prune -o -type f -print0 | sort -z | xargs -0 -r md5sum && \
+         (getfattr -R -d -m - . 2>/dev/null | grep -v '^#' | sort || true)",
+        dir.display()
+    ))
+}
+
+/// Compares two trees, naming only the lines that differ.
+fn assert_same_tree(got: &str, want: &str, what: &str) {
+    let g: std::collections::BTreeSet<&str> = got.lines().collect();
+    let w: std::collections::BTreeSet<&str> = want.lines().collect();
+    let missing: Vec<&&str> = w.difference(&g).take(10).collect();
+    let extra: Vec<&&str> = g.difference(&w).take(10).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{what}: missing {missing:#?}\nunexpected {extra:#?}"
+    );
+}
+
+fn ext4_volume(dir: &Path, mib: u64) -> PathBuf {
+    let img = file(dir, "vol.img", mib);
+    run(Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-L",
+            "tvol",
+            "-U",
+            "66666666-0000-4000-8000-000000000006",
+        ])
+        .arg(&img));
+    let m = mount_img(&img, &dir.join("fill"), false, false);
+    sh(&format!(
+        "cd {0} && head -c 20M /dev/urandom > random && seq 1 1000000 > counting && mkdir -p d/e && \
+         for i in $(seq 1 200); do echo $i > d/e/file$i; done && ln counting hardlink && ln -s d/e/file7 symlink && \
+         truncate -s 50M sparse && echo hole-end >> sparse && mknod char c 1 3 && mkfifo fifo && \
+         chown 1234:5678 random && chmod 0640 random && touch -d 2001-02-03 counting && setfattr -n user.bmr -v kept random",
+        m.dir.display()
+    ));
+    drop(m);
+    img
+}
+
+fn bmr_out(args: &[&str], extra: &[&Path]) -> Output {
+    bmr().args(args).args(extra).output().unwrap()
+}
+
+fn ok(out: Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+fn refused(out: Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "should fail: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+fn hash(p: &Path) -> String {
+    blake3::hash(&fs::read(p).unwrap()).to_hex().to_string()
+}
+
+#[test]
+fn ext4_round_trip_same_size_and_larger_then_file_level_onto_smaller() {
+    require_root();
+    let _turn = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let vol = ext4_volume(tmp.path(), 128);
+    let want = tree(&mount_img(&vol, &tmp.path().join("orig"), false, true).dir);
+    let img = tmp.path().join("vol.bmri");
+    let out = ok(bmr_out(
+        &["image", "create", "--device"],
+        &[&vol, Path::new("--to"), &img],
+    ));
+    assert!(out.contains("used"), "{out}");
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(bmr_out(&["image", "info", "--json"], &[&img]))).unwrap();
+    assert_eq!(
+        info["volume"]["uuid"],
+        "66666666-0000-4000-8000-000000000006"
+    );
+    assert!(info["chunks"]["metadata"].as_u64().unwrap() > 0, "{info}");
+    assert!(
+        info["stored_bytes"].as_u64().unwrap() < 40 << 20,
+        "used blocks only, compressed: {info}"
+    );
+    ok(bmr_out(&["image", "verify"], &[&img]));
+
+    for (name, mib) in [("same.img", 128), ("larger.img", 192)] {
+        let target = file(tmp.path(), name, mib);
+        let out = ok(bmr_out(
+            &["image", "restore", "--from"],
+            &[&img, Path::new("--device"), &target],
+        ));
+        sh(&format!("e2fsck -fn {} >/dev/null", target.display()));
+        if mib > 128 {
+            assert!(out.contains("grown with resize2fs"), "{out}");
+            let blocks = sh(&format!(
+                "dumpe2fs -h {} 2>/dev/null | awk -F: '/^Block count/{{print $2}}'",
+                target.display()
+            ));
+            let bsize = sh(&format!(
+                "dumpe2fs -h {} 2>/dev/null | awk -F: '/^Block size/{{print $2}}'",
+                target.display()
+            ));
+            assert_eq!(
+                blocks.trim().parse::<u64>().unwrap() * bsize.trim().parse::<u64>().unwrap(),
+                192 << 20,
+                "filesystem fills the partition"
+            );
+        }
+        let got = tree(&mount_img(&target, &tmp.path().join(format!("m-{name}")), false, true).dir);
+        assert_same_tree(
+            &got,
+            &want,
+            &format!("{name}: every file, its metadata and content"),
+        );
+    }
+
+    let small = file(tmp.path(), "small.img", 96);
+    let err = refused(bmr_out(
+        &["image", "restore", "--from"],
+        &[&img, Path::new("--device"), &small],
+    ));
+    assert!(
+        err.contains("smaller than the filesystem") && err.contains("--files"),
+        "{err}"
+    );
+    ok(bmr_out(
+        &["image", "restore", "--files", "--from"],
+        &[&img, Path::new("--device"), &small],
+    ));
+    sh(&format!("e2fsck -fn {} >/dev/null", small.display()));
+    let b = blkid(small.to_str().unwrap());
+    assert_eq!(
+        (b["UUID"].as_str(), b["LABEL"].as_str()),
+        ("66666666-0000-4000-8000-000000000006", "tvol")
+    );
+    let got = tree(&mount_img(&small, &tmp.path().join("m-small"), false, true).dir);
+    assert_same_tree(
+        &got,
+        &want,
+        "file-level restore keeps owners, modes, times, xattrs, links, nodes, holes",
+    );
+}
+
+#[test]
+fn fat32_and_ntfs_round_trips() {
+    require_root();
+    let _turn = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    // FAT32: no vfat driver on every kernel we test on, so mtools reads it.
+    let fat = file(tmp.path(), "fat.img", 96);
+    sh(&format!(
+        "mkfs.vfat -F 32 -n FATVOL -i 0F0F0F0F {0} >/dev/null && head -c 7M /dev/urandom > {1}/r && seq 1 100000 > {1}/s && \
+         mmd -i {0} ::dir && mcopy -i {0} {1}/r ::dir/r && mcopy -i {0} {1}/s ::s",
+        fat.display(),
+        tmp.path().display()
+    ));
+    let img = tmp.path().join("fat.bmri");
+    ok(bmr_out(
+        &["image", "create", "--device"],
+        &[&fat, Path::new("--to"), &img],
+    ));
+    let target = file(tmp.path(), "fat-big.img", 160);
+    ok(bmr_out(
+        &["image", "restore", "--from"],
+        &[&img, Path::new("--device"), &target],
+    ));
+    sh(&format!("fsck.fat -n {} >/dev/null", target.display()));
+    assert_eq!(
+        sh(&format!("mtype -i {} ::dir/r | md5sum", target.display())),
+        sh(&format!("md5sum < {}/r", tmp.path().display()))
+    );
+    assert_eq!(
+        sh(&format!("mtype -i {} ::s | md5sum", target.display())),
+        sh(&format!("md5sum < {}/s", tmp.path().display()))
+    );
+    assert_eq!(blkid(target.to_str().unwrap())["UUID"], "0F0F-0F0F");
+
+    // NTFS through ntfs-3g.
+    let ntfs = file(tmp.path(), "ntfs.img", 96);
+    run(Command::new("mkntfs")
+        .args(["-Q", "-q", "-F", "-L", "NTVOL"])
+        .arg(&ntfs));
+    {
+        let m = mount_img(&ntfs, &tmp.path().join("nfill"), true, false);
+        sh(&format!(
+            "head -c 9M /dev/urandom > {0}/big && mkdir {0}/sub && echo hello > {0}/sub/hi",
+            m.dir.display()
+        ));
+    }
+    let want = tree(&mount_img(&ntfs, &tmp.path().join("norig"), true, true).dir);
+    let img = tmp.path().join("ntfs.bmri");
+    ok(bmr_out(
+        &["image", "create", "--device"],
+        &[&ntfs, Path::new("--to"), &img],
+    ));
+    let target = file(tmp.path(), "ntfs-big.img", 128);
+    let out = ok(bmr_out(
+        &["image", "restore", "--from"],
+        &[&img, Path::new("--device"), &target],
+    ));
+    assert!(out.contains("grown with ntfsresize"), "{out}");
+    let got = tree(&mount_img(&target, &tmp.path().join("nrest"), true, true).dir);
+    assert_same_tree(&got, &want, "ntfs");
+}
+
+#[test]
+fn incremental_chain_of_three_and_repository_dedup() {
+    require_root();
+    let _turn = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let vol = ext4_volume(tmp.path(), 128);
+    let imgs: Vec<PathBuf> = (1..=3)
+        .map(|i| tmp.path().join(format!("v{i}.bmri")))
+        .collect();
+    ok(bmr_out(
+        &["image", "create", "--device"],
+        &[&vol, Path::new("--to"), &imgs[0]],
+    ));
+    for i in 1..3 {
+        {
+            let m = mount_img(&vol, &tmp.path().join(format!("c{i}")), false, false);
+            sh(&format!(
+                "head -c 3M /dev/urandom > {0}/new{i} && rm {0}/d/e/file{i}",
+                m.dir.display()
+            ));
+        }
+        let out = ok(bmr_out(
+            &["image", "create", "--device"],
+            &[
+                &vol,
+                Path::new("--to"),
+                &imgs[i],
+                Path::new("--parent"),
+                &imgs[i - 1],
+            ],
+        ));
+        assert!(out.contains("from the parent"), "{out}");
+        let info: serde_json::Value =
+            serde_json::from_str(&ok(bmr_out(&["image", "info", "--json"], &[&imgs[i]]))).unwrap();
+        assert!(info["chunks"]["parent"].as_u64().unwrap() > 10, "{info}");
+        let child = fs::metadata(&imgs[i]).unwrap().len();
+        assert!(
+            child < 10 << 20,
+            "only the ~3 MiB change is stored, not {child}"
+        );
+        assert_eq!(info["chain_length"], i as u64 + 1);
+    }
+    let want = tree(&mount_img(&vol, &tmp.path().join("final"), false, true).dir);
+    let target = file(tmp.path(), "t.img", 128);
+    ok(bmr_out(&["image", "verify"], &[&imgs[2]]));
+    ok(bmr_out(
+        &["image", "restore", "--from"],
+        &[&imgs[2], Path::new("--device"), &target],
+    ));
+    assert_same_tree(
+        &tree(&mount_img(&target, &tmp.path().join("rest"), false, true).dir),
+        &want,
+        "chain of three",
+    );
+
+    // A missing parent is found before anything is written.
+    fs::rename(&imgs[0], tmp.path().join("moved.bmri")).unwrap();
+    let target2 = file(tmp.path(), "t2.img", 128);
+    let before = hash(&target2);
+    let err = refused(bmr_out(
+        &["image", "restore", "--from"],
+        &[&imgs[2], Path::new("--device"), &target2],
+    ));
+    assert!(
+        err.contains("cannot be opened") && err.contains("v1.bmri"),
+        "{err}"
+    );
+    assert_eq!(hash(&target2), before);
+
+    // Two similar volumes share their chunks in a repository.
+    let repo = tmp.path().join("repo");
+    fs::create_dir(&repo).unwrap();
+    let copy = tmp.path().join("copy.img");
+    fs::copy(&vol, &copy).unwrap();
+    ok(bmr_out(
+        &["image", "create", "--name", "first", "--device"],
+        &[&vol, Path::new("--to"), &repo],
+    ));
+    let out = ok(bmr_out(
+        &["image", "create", "--name", "second", "--device"],
+        &[&copy, Path::new("--to"), &repo],
+    ));
+    assert!(!out.contains(" 0 already in the repository"), "{out}");
+    let chunks = sh(&format!("find {}/chunks -type f | wc -l", repo.display()))
+        .trim()
+        .parse::<u64>()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_str(&ok(bmr_out(
+        &["image", "info", "--json"],
+        &[&repo.join("images/second.bmri")],
+    )))
+    .unwrap();
+    assert!(
+        chunks <= info["chunks"]["repository"].as_u64().unwrap(),
+        "second volume added no chunk: {chunks} {info}"
+    );
+    let target3 = file(tmp.path(), "t3.img", 128);
+    ok(bmr_out(
+        &["image", "restore", "--from"],
+        &[
+            &repo.join("images/second.bmri"),
+            Path::new("--device"),
+            &target3,
+        ],
+    ));
+    sh(&format!("e2fsck -fn {} >/dev/null", target3.display()));
+}
+
+#[test]
+fn damage_and_wrong_keys_are_caught() {
+    require_root();
+    let _turn = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let vol = ext4_volume(tmp.path(), 64);
+    let img = tmp.path().join("enc.bmri");
+    let create = |env: &str| {
+        bmr()
+            .env("BMR_PASS", env)
+            .args([
+                "image",
+                "create",
+                "--passphrase-env",
+                "BMR_PASS",
+                "--device",
+            ])
+            .arg(&vol)
+            .arg("--to")
+            .arg(&img)
+            .output()
+            .unwrap()
+    };
+    ok(create("sesame"));
+    assert!(
+        !fs::read(&img).unwrap().windows(8).any(|w| w == b"hardlink"),
+        "directory names do not appear in the clear"
+    );
+    let target = file(tmp.path(), "t.img", 64);
+    let before = hash(&target);
+    let restore = |pass: &str, from: &Path| {
+        bmr()
+            .env("BMR_PASS", pass)
+            .args(["image", "restore", "--passphrase-env", "BMR_PASS", "--from"])
+            .arg(from)
+            .arg("--device")
+            .arg(&target)
+            .output()
+            .unwrap()
+    };
+    let err = refused(restore("open up", &img));
+    assert!(err.contains("wrong passphrase"), "{err}");
+    assert_eq!(hash(&target), before, "a wrong key writes nothing");
+    let err = refused(bmr_out(
+        &["image", "restore", "--from"],
+        &[&img, Path::new("--device"), &target],
+    ));
+    assert!(err.contains("is encrypted"), "{err}");
+    ok(restore("sesame", &img));
+    sh(&format!("e2fsck -fn {} >/dev/null", target.display()));
+
+    // One flipped byte inside a stored chunk.
+    let plain = tmp.path().join("plain.bmri");
+    ok(bmr_out(
+        &["image", "create", "--device"],
+        &[&vol, Path::new("--to"), &plain],
+    ));
+    let mut bytes = fs::read(&plain).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    let bad = tmp.path().join("bad.bmri");
+    fs::write(&bad, &bytes).unwrap();
+    let err = refused(bmr_out(&["image", "verify"], &[&bad]));
+    assert!(
+        err.contains("first bad chunk: volume offset") || err.contains("damaged"),
+        "{err}"
+    );
+    let err = refused(bmr_out(
+        &["image", "restore", "--from"],
+        &[&bad, Path::new("--device"), &target],
+    ));
+    assert!(
+        err.contains("cannot be mounted half-restored") || err.contains("damaged"),
+        "{err}"
+    );
+    assert!(
+        !blkid_has_type(&target),
+        "a restore that found damage leaves no mountable filesystem"
+    );
+
+    // Truncated.
+    let short = tmp.path().join("short.bmri");
+    fs::write(&short, &bytes[..bytes.len() / 3]).unwrap();
+    let err = refused(bmr_out(&["image", "info"], &[&short]));
+    assert!(
+        err.contains("truncated") || err.contains("no trailer"),
+        "{err}"
+    );
+}
+
+fn blkid_has_type(p: &Path) -> bool {
+    Command::new("blkid")
+        .args(["-p", "-o", "export"])
+        .arg(p)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("TYPE="))
+        .unwrap_or(false)
+}
