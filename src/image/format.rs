@@ -214,7 +214,8 @@ pub fn read_record<R: Read>(r: &mut R) -> Result<Option<Record>> {
     let kind = Kind::from_code(kind[0])
         .ok_or_else(|| anyhow!("damaged record (kind byte 0x{:02x})", kind[0]))?;
     let mut head = [0u8; 8 + 4 + 1 + 32 + 4];
-    r.read_exact(&mut head).map_err(|_| anyhow!("the image is truncated inside a record"))?;
+    r.read_exact(&mut head)
+        .map_err(|_| anyhow!("the image is truncated inside a record"))?;
     let offset = u64::from_le_bytes(head[0..8].try_into().unwrap_or([0; 8]));
     let raw_len = u32::from_le_bytes(head[8..12].try_into().unwrap_or([0; 4]));
     let flags = [head[12]];
