@@ -3,7 +3,7 @@ CARGO ?= cargo
 BMR := target/release/bmr
 DEMO := target/demo
 
-.PHONY: all build deps test lint unit integration demo iso qemu-test kernel bench clean
+.PHONY: all build deps test lint demo iso qemu-test kernel bench clean
 
 all: build
 
@@ -24,7 +24,11 @@ test: deps lint
 demo: deps build
 	scripts/demo $(BMR) $(DEMO)
 
-iso qemu-test kernel bench:
+# bmr's image path against dd, partclone and restic on a deterministic volume.
+bench: deps build
+	scripts/bench $(BMR) target/bench
+
+iso qemu-test kernel:
 	@echo "make $@: arrives with the rescue, recovery and image issues; see README.md" >&2
 	@exit 2
 

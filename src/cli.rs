@@ -178,6 +178,10 @@ pub enum ImageCmd {
         /// Image name inside a repository.
         #[arg(long)]
         name: Option<String>,
+        /// Chunk size in KiB (a power of two, 64 to 65536): smaller chunks make
+        /// smaller incrementals, larger ones compress a little better.
+        #[arg(long, value_name = "KIB", default_value_t = crate::image::create::DEFAULT_CHUNK / 1024)]
+        chunk_kib: u32,
         #[command(flatten)]
         key: KeyArgs,
     },

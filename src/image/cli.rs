@@ -24,15 +24,19 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
             parent,
             level,
             name,
+            chunk_kib,
             key,
         } => {
+            if !(64..=65536).contains(&chunk_kib) || !chunk_kib.is_power_of_two() {
+                anyhow::bail!("--chunk-kib {chunk_kib}: give a power of two from 64 to 65536");
+            }
             let o = CreateOptions {
                 device,
                 to,
                 parent,
                 secret: key.secret()?,
                 level,
-                chunk_size: create::DEFAULT_CHUNK,
+                chunk_size: chunk_kib * 1024,
                 name,
             };
             let c = create::create(&o)?;

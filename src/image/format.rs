@@ -434,3 +434,33 @@ mod tests {
         assert!(decode_trailer(&[0; TRAILER_LEN]).is_err());
     }
 }
+
+#[cfg(test)]
+mod robustness {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any bytes at all: parsers return Ok or Err, never panic or allocate wildly.
+        #[test]
+        fn parsers_survive_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..600), size in any::<u64>()) {
+            let _ = read_header(&mut &bytes[..]);
+            let _ = read_record(&mut &bytes[..]);
+            let _ = decode_index(&bytes, size);
+            let _ = decode_trailer(&bytes);
+        }
+
+        /// A valid record with any byte changed is read back as something or refused, never a panic.
+        #[test]
+        fn damaged_records_are_refused_or_read(flip in 0usize..60, to in any::<u8>()) {
+            let rec = Record { kind: Kind::Meta, offset: 4096, raw_len: 4096, flags: FLAG_COMPRESSED, id: [9; 32], payload: vec![5; 7] };
+            let mut b = Vec::new();
+            write_record(&mut b, &rec).unwrap();
+            let i = flip % b.len();
+            b[i] = to;
+            let _ = read_record(&mut &b[..]);
+        }
+    }
+}

@@ -79,16 +79,37 @@ pub fn restore(img: &Image, dev: &Path, grow: bool) -> Result<Restored> {
         .map(|i| entries.remove(i));
     let total: u64 = img.entries.iter().map(|e| u64::from(e.raw_len)).sum();
     let mut progress = Progress::new(&format!("restoring {}", dev.display()), total);
-    let result = (|| -> Result<()> {
+    let result = std::thread::scope(|scope| -> Result<()> {
         // The start is zeroed first, so an interrupted restore leaves no mountable filesystem.
         out.write_at(&vec![0u8; (1u64 << 20).min(target) as usize], 0)?;
-        for batch in entries.chunks(BATCH) {
-            let chunks: Vec<Result<Vec<u8>>> = batch.par_iter().map(|e| img.chunk(e)).collect();
-            for (e, data) in batch.iter().zip(chunks) {
-                out.write_at(&data?, e.offset)?;
-                progress.add(u64::from(e.raw_len));
+        // Decoding (both cores) overlaps writing (its own thread).
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(2 * BATCH);
+        let writer = scope.spawn(|| -> Result<u64> {
+            let mut written = 0;
+            for (offset, data) in rx {
+                out.write_at(&data, offset)?;
+                written += data.len() as u64;
             }
-        }
+            Ok(written)
+        });
+        let decoded = (|| -> Result<()> {
+            for batch in entries.chunks(BATCH) {
+                let chunks: Vec<Result<Vec<u8>>> = batch.par_iter().map(|e| img.chunk(e)).collect();
+                for (e, data) in batch.iter().zip(chunks) {
+                    if tx.send((e.offset, data?)).is_err() {
+                        return Ok(()); // the writer failed; its error is reported below
+                    }
+                    progress.add(u64::from(e.raw_len));
+                }
+            }
+            Ok(())
+        })();
+        drop(tx);
+        let written = writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the writer thread failed"))?;
+        decoded?;
+        written?;
         if let Some(e) = first {
             let data = img.chunk(e)?;
             out.file.sync_data()?;
@@ -96,7 +117,7 @@ pub fn restore(img: &Image, dev: &Path, grow: bool) -> Result<Restored> {
             progress.add(u64::from(e.raw_len));
         }
         out.file.sync_all().context("flushing the restored volume")
-    })();
+    });
     if let Err(e) = result {
         // Leave it unmountable rather than silently wrong.
         let _ = out.write_at(&vec![0u8; (1u64 << 20).min(target) as usize], 0);

@@ -721,7 +721,7 @@ impl Ext<'_> {
             "{name} inode {ino}: extent node claims {entries} entries"
         );
         ensure!(
-            depth <= 5 && expect_depth.map_or(true, |e| e == depth),
+            depth <= 5 && expect_depth.is_none_or(|e| e == depth),
             "{name} inode {ino}: extent tree has an impossible depth ({depth})"
         );
         for k in 0..entries {
