@@ -86,6 +86,25 @@ pub enum Cmd {
         #[arg(long, value_name = "FILE", default_value = crate::apply::DEFAULT_JOURNAL)]
         journal: PathBuf,
     },
+    /// Image every volume of the manifest into a repository, boot and system volumes first,
+    /// and record the image names in the manifest on the medium.
+    Backup {
+        /// Recovery medium (image or device) or manifest.toml written by `bmr save`.
+        #[arg(long, value_name = "PATH")]
+        medium: PathBuf,
+        /// Directory repository for the images.
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// zstd level (1-19).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+        level: i32,
+        /// freeze: a mounted filesystem is frozen while read; none: read as it is.
+        /// Default: freeze where possible, else none with a warning.
+        #[arg(long, value_enum)]
+        consistency: Option<crate::image::backup::Consistency>,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
     /// Volume images: create, restore, inspect, verify.
     Image {
         #[command(subcommand)]
@@ -342,6 +361,36 @@ pub fn run() -> Result<ExitCode> {
             );
         }
         Cmd::Image { action } => return crate::image::cli::run(action),
+        Cmd::Backup {
+            medium,
+            to,
+            level,
+            consistency,
+            key,
+        } => {
+            let opts = crate::image::backup::BackupOptions {
+                medium,
+                to,
+                secret: key.secret()?,
+                level,
+                consistency,
+            };
+            for d in crate::image::backup::backup(&opts)? {
+                println!(
+                    "{}: {} -> {} ({} used, {} stored; {})",
+                    d.volume,
+                    d.device.display(),
+                    d.created.path.display(),
+                    crate::report::size(d.created.used_bytes),
+                    crate::report::size(d.created.stored_bytes),
+                    d.how
+                );
+            }
+            println!(
+                "image names recorded in the manifest on {}",
+                opts.medium.display()
+            );
+        }
         Cmd::Manifest { action } => return manifest_cmd(action),
     }
     Ok(ExitCode::SUCCESS)

@@ -105,6 +105,43 @@ pub fn read_file(medium: &Path, path: &str) -> Result<Vec<u8>> {
     Ok(data)
 }
 
+/// Every file on a medium, by path, to rewrite it with one file changed.
+pub fn read_all(medium: &Path) -> Result<Content> {
+    fn walk<T: fatfs::ReadWriteSeek>(
+        dir: &fatfs::Dir<'_, T>,
+        prefix: &str,
+        out: &mut Content,
+    ) -> Result<()> {
+        for entry in dir.iter() {
+            let entry = entry?;
+            let name = entry.file_name();
+            if name == "." || name == ".." {
+                continue;
+            }
+            let path = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}/{name}")
+            };
+            if entry.is_dir() {
+                walk(&entry.to_dir(), &path, out)?;
+            } else {
+                let mut data = Vec::new();
+                entry
+                    .to_file()
+                    .read_to_end(&mut data)
+                    .with_context(|| format!("reading {path}"))?;
+                out.add(path, data);
+            }
+        }
+        Ok(())
+    }
+    let fs = open_fat_readonly(medium)?;
+    let mut content = Content::default();
+    walk(&fs.root_dir(), "", &mut content)?;
+    Ok(content)
+}
+
 /// Volume label of a FAT medium, trailing blanks removed.
 pub fn label(medium: &Path) -> Result<String> {
     Ok(open_fat_readonly(medium)?

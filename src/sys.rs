@@ -112,3 +112,27 @@ pub fn add_partition(fd: BorrowedFd<'_>, number: u32, start: u64, length: u64) -
 pub fn delete_partition(fd: BorrowedFd<'_>, number: u32) -> io::Result<()> {
     blkpg(fd, 2, number, 0, 0)
 }
+
+mod freeze {
+    // <linux/fs.h>: FIFREEZE _IOWR('X', 119, int), FITHAW _IOWR('X', 120, int)
+    nix::ioctl_readwrite!(fifreeze, b'X', 119, std::os::raw::c_int);
+    nix::ioctl_readwrite!(fithaw, b'X', 120, std::os::raw::c_int);
+}
+
+/// Freezes the filesystem mounted at `dir` (an fd of the mount point): writes
+/// block until `thaw`, so a read of its device sees one consistent state.
+pub fn freeze_fs(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut zero = 0;
+    // SAFETY: FIFREEZE ignores its argument; the pointer is valid.
+    unsafe { freeze::fifreeze(fd.as_raw_fd(), &mut zero) }
+        .map(drop)
+        .map_err(io::Error::from)
+}
+
+pub fn thaw_fs(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut zero = 0;
+    // SAFETY: FITHAW ignores its argument; the pointer is valid.
+    unsafe { freeze::fithaw(fd.as_raw_fd(), &mut zero) }
+        .map(drop)
+        .map_err(io::Error::from)
+}

@@ -2,6 +2,7 @@
 //! identified by its BLAKE3 hash, zstd-compressed, optionally encrypted, and
 //! incremental against a parent. The format is in docs/image-format.md.
 
+pub mod backup;
 pub mod cli;
 pub mod create;
 pub mod crypto;

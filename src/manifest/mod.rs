@@ -175,6 +175,17 @@ impl Role {
     pub fn is_critical(self) -> bool {
         matches!(self, Role::Esp | Role::Boot | Role::System)
     }
+
+    /// Restore priority: ESP, boot, system, data, swap.
+    pub fn rank(self) -> u8 {
+        match self {
+            Role::Esp => 0,
+            Role::Boot => 1,
+            Role::System => 2,
+            Role::Data => 3,
+            Role::Swap => 4,
+        }
+    }
 }
 
 impl std::fmt::Display for Firmware {

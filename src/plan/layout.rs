@@ -22,16 +22,6 @@ const GPT_RAID: Uuid = uuid!("A19D880F-05FC-4D3B-A006-743F0F84911E");
 /// GPT's partition entry array, reserved at both ends of the disk.
 const GPT_ENTRIES: u64 = 16384;
 
-fn rank(role: Role) -> u8 {
-    match role {
-        Role::Esp => 0,
-        Role::Boot => 1,
-        Role::System => 2,
-        Role::Data => 3,
-        Role::Swap => 4,
-    }
-}
-
 /// Restore priority of a volume: ESP, boot, system, data in saved order, swap.
 pub fn priority(m: &Manifest, id: &str) -> (u8, usize) {
     let idx = m
@@ -39,7 +29,7 @@ pub fn priority(m: &Manifest, id: &str) -> (u8, usize) {
         .iter()
         .position(|v| v.id == id)
         .unwrap_or(usize::MAX);
-    (m.volumes.get(idx).map_or(u8::MAX, |v| rank(v.role)), idx)
+    (m.volumes.get(idx).map_or(u8::MAX, |v| v.role.rank()), idx)
 }
 
 fn round_up(x: u64, a: u64) -> u64 {
