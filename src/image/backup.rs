@@ -82,7 +82,10 @@ fn same_fs(a: &Path, b: &Path) -> bool {
 
 pub fn backup(o: &BackupOptions) -> Result<Vec<Done>> {
     let mut m = medium::load_manifest(&o.medium)?;
-    std::fs::create_dir_all(&o.to).with_context(|| format!("creating {}", o.to.display()))?;
+    let remote = super::http::is_url(&o.to.to_string_lossy());
+    if !remote {
+        std::fs::create_dir_all(&o.to).with_context(|| format!("creating {}", o.to.display()))?;
+    }
     let stamp = time::OffsetDateTime::now_utc()
         .format(&time::macros::format_description!(
             "[year][month][day]-[hour][minute][second]"
@@ -125,13 +128,14 @@ pub fn backup(o: &BackupOptions) -> Result<Vec<Done>> {
             None if mounted.is_some() => (create::create(&opts)?, "read while mounted, not frozen: it may be inconsistent if it was written meanwhile".to_string()),
             None => (create::create(&opts)?, "not mounted".to_string()),
         };
-        let rel = created
-            .path
-            .strip_prefix(&o.to)
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|_| created.path.clone());
         if let Some(v) = m.volumes.iter_mut().find(|v| v.id == id) {
-            v.image = Some(rel.display().to_string());
+            // Relative to the repository, wherever it is mounted or served later.
+            let name = created
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            v.image = Some(format!("images/{name}"));
         }
         done.push(Done {
             volume: id,
@@ -141,11 +145,14 @@ pub fn backup(o: &BackupOptions) -> Result<Vec<Done>> {
         });
     }
     let text = m.to_toml().context("serialising the manifest")?;
-    std::fs::write(
-        o.to.join(format!("{}.manifest.toml", m.system.hostname)),
-        &text,
-    )
-    .context("copying the manifest next to the images")?;
+    let copy = format!("{}.manifest.toml", m.system.hostname);
+    if remote {
+        super::http::HttpStore::open(&o.to.to_string_lossy(), false)?
+            .put_file(&copy, text.as_bytes())?;
+    } else {
+        std::fs::write(o.to.join(&copy), &text)
+            .context("copying the manifest next to the images")?;
+    }
     if medium::looks_like_fat(&o.medium) {
         let mut content = medium::read_all(&o.medium)?;
         content.files.retain(|(p, _)| p != medium::MANIFEST_PATH);

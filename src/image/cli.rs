@@ -40,6 +40,9 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
                 name,
             };
             let c = create::create(&o)?;
+            if let Some(n) = c.uploaded {
+                println!("uploaded {n} new chunks; the server had the others");
+            }
             println!(
                 "image {}: {} used, {} stored ({} chunks: {} stored, {} from the parent, {} already in the repository, {} zero) in {:.1} s ({})",
                 c.path.display(),

@@ -19,9 +19,10 @@ use super::format::{
     self, Entry, Header, Kind, ParentRef, Record, Trailer, VolumeInfo, FLAG_COMPRESSED,
     FLAG_ENCRYPTED,
 };
+use super::http::{self, HttpStore};
 use super::progress::Progress;
 use super::read::Image;
-use super::store::DirStore;
+use super::store::{ChunkStore, DirStore, Store};
 use super::used::{self, UsedMap};
 
 pub const DEFAULT_CHUNK: u32 = 1 << 20;
@@ -49,6 +50,8 @@ pub struct Created {
     pub used_bytes: u64,
     pub stored_bytes: u64,
     pub seconds: f64,
+    /// Chunks sent to an HTTP repository.
+    pub uploaded: Option<u64>,
 }
 
 /// Size of a block device or a regular file holding a volume.
@@ -101,7 +104,7 @@ fn seal_chunk(
     job: Job,
     key: Option<&Key>,
     parent: Option<&Image>,
-    store: Option<&DirStore>,
+    store: Option<&dyn ChunkStore>,
     level: i32,
 ) -> Result<(Record, bool)> {
     let raw_len = job.data.len() as u32;
@@ -208,45 +211,74 @@ fn order(map: &UsedMap, chunk: u64) -> Vec<(u64, bool)> {
     meta
 }
 
-fn destination(
-    o: &CreateOptions,
-    volume: &VolumeInfo,
-    dev: &Path,
-) -> Result<(PathBuf, Option<DirStore>)> {
-    let is_dir = o.to.is_dir() || o.to.as_os_str().to_string_lossy().ends_with('/');
-    if is_dir {
-        let store = DirStore::open(&o.to, true)?;
-        let base = o.name.clone().unwrap_or_else(|| {
-            let who = [volume.label.as_str(), volume.uuid.as_str()]
-                .into_iter()
-                .find(|s| !s.is_empty())
-                .map(str::to_string)
-                .unwrap_or_else(|| {
-                    dev.file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_else(|| "volume".into())
-                });
-            let stamp = time::OffsetDateTime::now_utc()
-                .format(&time::macros::format_description!(
-                    "[year][month][day]-[hour][minute][second]"
-                ))
-                .unwrap_or_default();
-            format!("{who}-{stamp}")
+fn image_name(o: &CreateOptions, volume: &VolumeInfo, dev: &Path) -> String {
+    o.name.clone().unwrap_or_else(|| {
+        let who = [volume.label.as_str(), volume.uuid.as_str()]
+            .into_iter()
+            .find(|s| !s.is_empty())
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                dev.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "volume".into())
+            });
+        let stamp = time::OffsetDateTime::now_utc()
+            .format(&time::macros::format_description!(
+                "[year][month][day]-[hour][minute][second]"
+            ))
+            .unwrap_or_default();
+        format!("{who}-{stamp}")
+    })
+}
+
+/// Where the image goes: a file, a directory repository, or an HTTP one (the
+/// image is then written locally and uploaded when complete).
+struct Destination {
+    path: PathBuf,
+    store: Option<Store>,
+    upload: Option<(String, tempfile::TempDir)>,
+}
+
+fn destination(o: &CreateOptions, volume: &VolumeInfo, dev: &Path) -> Result<Destination> {
+    let to = o.to.to_string_lossy().into_owned();
+    if http::is_url(&to) {
+        let name = format!("{}.bmri", image_name(o, volume, dev));
+        let store = HttpStore::open(&to, true)?;
+        let tmp = tempfile::tempdir().context("creating a local directory for the upload")?;
+        return Ok(Destination {
+            path: tmp.path().join(&name),
+            store: Some(Store::Http(store)),
+            upload: Some((name, tmp)),
         });
-        let path = store.images_dir().join(format!("{base}.bmri"));
+    }
+    if o.to.is_dir() || to.ends_with('/') {
+        let store = DirStore::open(&o.to, true)?;
+        let path = store
+            .images_dir()
+            .join(format!("{}.bmri", image_name(o, volume, dev)));
         if path.exists() {
             bail!(
                 "{} already exists in the repository; choose another --name",
                 path.display()
             );
         }
-        Ok((path, Some(store)))
-    } else {
-        if o.to.exists() {
-            bail!("{} already exists; remove it or choose another name (bmr does not overwrite images)", o.to.display());
-        }
-        Ok((o.to.clone(), None))
+        return Ok(Destination {
+            path,
+            store: Some(Store::Dir(store)),
+            upload: None,
+        });
     }
+    if o.to.exists() {
+        bail!(
+            "{} already exists; remove it or choose another name (bmr does not overwrite images)",
+            o.to.display()
+        );
+    }
+    Ok(Destination {
+        path: o.to.clone(),
+        store: None,
+        upload: None,
+    })
 }
 
 pub fn create(o: &CreateOptions) -> Result<Created> {
@@ -300,7 +332,11 @@ pub fn create(o: &CreateOptions) -> Result<Created> {
             );
         }
     }
-    let (path, store) = destination(o, &volume, &o.device)?;
+    let Destination {
+        path,
+        store,
+        upload,
+    } = destination(o, &volume, &o.device)?;
     let used_bytes: u64 = map.used.iter().map(|r| r.end - r.start).sum();
     let header = Header {
         format: format::FORMAT,
@@ -341,7 +377,7 @@ pub fn create(o: &CreateOptions) -> Result<Created> {
         &tmp,
         key.as_ref(),
         parent.as_ref(),
-        store.as_ref(),
+        store.as_ref().map(|s| s as &dyn ChunkStore),
     );
     match result {
         Ok(mut created) => {
@@ -349,6 +385,11 @@ pub fn create(o: &CreateOptions) -> Result<Created> {
                 .with_context(|| format!("moving the image into place at {}", path.display()))?;
             created.path = path;
             created.used_bytes = used_bytes;
+            if let (Some((name, _keep)), Some(Store::Http(h))) = (&upload, &store) {
+                let url = h.put_image(name, &created.path)?;
+                created.uploaded = Some(h.uploaded.load(std::sync::atomic::Ordering::Relaxed));
+                created.path = PathBuf::from(http::redact(&url));
+            }
             Ok(created)
         }
         Err(e) => {
@@ -365,7 +406,7 @@ fn write_image(
     tmp: &Path,
     key: Option<&Key>,
     parent: Option<&Image>,
-    store: Option<&DirStore>,
+    store: Option<&dyn ChunkStore>,
 ) -> Result<Created> {
     let file = OpenOptions::new()
         .write(true)

@@ -8,6 +8,7 @@ pub mod create;
 pub mod crypto;
 pub mod files;
 pub mod format;
+pub mod http;
 pub mod progress;
 pub mod read;
 pub mod restore;

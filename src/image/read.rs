@@ -10,7 +10,8 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 
 use super::crypto::{self, Key};
 use super::format::{self, Entry, Header, Kind, FLAG_COMPRESSED, FLAG_ENCRYPTED};
-use super::store::DirStore;
+use super::http::{self, HttpStore};
+use super::store::{ChunkStore, DirStore, Store};
 
 pub struct Image {
     pub path: PathBuf,
@@ -19,14 +20,30 @@ pub struct Image {
     pub index_hash: [u8; 32],
     file: File,
     key: Option<Key>,
-    store: Option<DirStore>,
+    store: Option<Store>,
     pub parent: Option<Box<Image>>,
+    /// Where a remote image was downloaded to; removed with the Image.
+    _download: Option<tempfile::TempDir>,
 }
 
 impl Image {
     /// Opens `path` and its parent chain. A missing or wrong parent, a wrong
     /// key or a damaged index is an error here, before anything is written.
     pub fn open(path: &Path, secret: Option<&[u8]>) -> Result<Image> {
+        let name = path.to_string_lossy().into_owned();
+        if !http::is_url(&name) {
+            return Image::open_at(path, secret, None);
+        }
+        let dir = tempfile::tempdir().context("creating a download directory")?;
+        let local = dir.path().join("image.bmri");
+        HttpStore::fetch(&name, &local)?;
+        let mut img = Image::open_at(&local, secret, Some(&name))?;
+        img.path = path.to_path_buf();
+        img._download = Some(dir);
+        Ok(img)
+    }
+
+    fn open_at(path: &Path, secret: Option<&[u8]>, url: Option<&str>) -> Result<Image> {
         let mut file =
             File::open(path).with_context(|| format!("opening image {}", path.display()))?;
         let (header, _) = format::read_header(&mut BufReader::new(&mut file))
@@ -79,16 +96,24 @@ impl Image {
                 path.display()
             ),
         };
-        let store = if entries.iter().any(|e| e.kind == Kind::External) {
-            Some(DirStore::of_image(path).ok_or_else(|| anyhow!("{} refers to a repository's chunks but is not inside a repository's images/ directory", path.display()))?)
-        } else {
-            None
+        let store = match (entries.iter().any(|e| e.kind == Kind::External), url) {
+            (false, _) => None,
+            (true, Some(u)) => Some(Store::Http(HttpStore::of_image(u)?)),
+            (true, None) => Some(Store::Dir(DirStore::of_image(path).ok_or_else(|| {
+                anyhow!("{} refers to a repository's chunks but is not inside a repository's images/ directory", path.display())
+            })?)),
         };
         let parent = match &header.parent {
             None => None,
             Some(p) => {
-                let dir = path.parent().unwrap_or(Path::new("."));
-                let candidate = dir.join(&p.file);
+                let candidate = match url {
+                    Some(u) => PathBuf::from(format!(
+                        "{}/{}",
+                        u.rsplit_once('/').map_or(u, |(d, _)| d),
+                        p.file
+                    )),
+                    None => path.parent().unwrap_or(Path::new(".")).join(&p.file),
+                };
                 let parent = Image::open(&candidate, secret).with_context(|| {
                     format!(
                         "{} is incremental on image {} ({}), which cannot be opened",
@@ -116,6 +141,7 @@ impl Image {
             key,
             store,
             parent,
+            _download: None,
         })
     }
 
@@ -228,7 +254,9 @@ impl Image {
     /// Reads the records front to back, as a tape would, checking that they
     /// match the index: a sequential reader needs nothing from the end.
     pub fn sequential_check(&self) -> Result<()> {
-        let mut f = BufReader::new(File::open(&self.path)?);
+        let mut file = self.file.try_clone()?;
+        file.seek(SeekFrom::Start(0))?;
+        let mut f = BufReader::new(file);
         let (_, start) = format::read_header(&mut f)?;
         f.seek(SeekFrom::Start(start))?;
         let mut seen = Vec::new();

@@ -10,6 +10,14 @@ use anyhow::{bail, Context, Result};
 
 use super::format::hex;
 
+/// Where the chunks of repository images (`X` records) live.
+pub trait ChunkStore: Sync {
+    fn has(&self, id: &[u8; 32]) -> bool;
+    /// Stores a payload; false when it was there already.
+    fn put(&self, id: &[u8; 32], flags: u8, payload: &[u8]) -> Result<bool>;
+    fn get(&self, id: &[u8; 32]) -> Result<(u8, Vec<u8>)>;
+}
+
 pub struct DirStore {
     root: PathBuf,
 }
@@ -53,14 +61,16 @@ impl DirStore {
         let h = hex(id);
         self.root.join("chunks").join(&h[..2]).join(h)
     }
+}
 
-    pub fn has(&self, id: &[u8; 32]) -> bool {
+impl ChunkStore for DirStore {
+    fn has(&self, id: &[u8; 32]) -> bool {
         self.path(id).is_file()
     }
 
     /// Stores a chunk's payload (first byte: its flags). Written to a temp
     /// name and renamed, so a chunk file is whole or absent.
-    pub fn put(&self, id: &[u8; 32], flags: u8, payload: &[u8]) -> Result<bool> {
+    fn put(&self, id: &[u8; 32], flags: u8, payload: &[u8]) -> Result<bool> {
         let path = self.path(id);
         if path.is_file() {
             return Ok(false);
@@ -76,7 +86,7 @@ impl DirStore {
         Ok(true)
     }
 
-    pub fn get(&self, id: &[u8; 32]) -> Result<(u8, Vec<u8>)> {
+    fn get(&self, id: &[u8; 32]) -> Result<(u8, Vec<u8>)> {
         let path = self.path(id);
         let mut data = fs::read(&path).with_context(|| {
             format!(
@@ -90,5 +100,32 @@ impl DirStore {
         }
         let flags = data.remove(0);
         Ok((flags, data))
+    }
+}
+
+/// A repository on disk or on an HTTP server.
+pub enum Store {
+    Dir(DirStore),
+    Http(super::http::HttpStore),
+}
+
+impl Store {
+    fn inner(&self) -> &dyn ChunkStore {
+        match self {
+            Store::Dir(d) => d,
+            Store::Http(h) => h,
+        }
+    }
+}
+
+impl ChunkStore for Store {
+    fn has(&self, id: &[u8; 32]) -> bool {
+        self.inner().has(id)
+    }
+    fn put(&self, id: &[u8; 32], flags: u8, payload: &[u8]) -> Result<bool> {
+        self.inner().put(id, flags, payload)
+    }
+    fn get(&self, id: &[u8; 32]) -> Result<(u8, Vec<u8>)> {
+        self.inner().get(id)
     }
 }
