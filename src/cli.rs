@@ -228,6 +228,30 @@ pub enum ImageCmd {
         #[command(flatten)]
         key: KeyArgs,
     },
+    /// Mount an image read-only (served through FUSE, read by the kernel's own driver) until Ctrl-C or umount.
+    Mount {
+        image: PathBuf,
+        dir: PathBuf,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+    /// List the files of an image (under PATH, default /).
+    Ls {
+        image: PathBuf,
+        path: Option<PathBuf>,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+    /// Copy files and directories out of an image, in the order their data lies on the volume.
+    Extract {
+        image: PathBuf,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
     /// Check every chunk against its hash; the first bad one is named with its offset.
     Verify {
         image: PathBuf,

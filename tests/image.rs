@@ -464,3 +464,94 @@ fn blkid_has_type(p: &Path) -> bool {
         .map(|o| String::from_utf8_lossy(&o.stdout).contains("TYPE="))
         .unwrap_or(false)
 }
+
+#[test]
+fn mount_ls_and_extract_without_unpacking() {
+    require_root();
+    let _turn = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let vol = ext4_volume(tmp.path(), 64);
+    let want = tree(&mount_img(&vol, &tmp.path().join("orig"), false, true).dir);
+    let img = tmp.path().join("v.bmri");
+    ok(bmr_out(
+        &["image", "create", "--device"],
+        &[&vol, Path::new("--to"), &img],
+    ));
+    let loops_before = sh("losetup -a | wc -l");
+
+    let listing = ok(bmr_out(&["image", "ls"], &[&img]));
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.ends_with(" /d/e/file7") && l.starts_with("-rw-r--r--")),
+        "{listing}"
+    );
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.contains(" 20971520 ") && l.ends_with(" /random")),
+        "{listing}"
+    );
+
+    let out = tmp.path().join("out");
+    ok(bmr_out(
+        &["image", "extract"],
+        &[
+            &img,
+            Path::new("/random"),
+            Path::new("/d"),
+            Path::new("--to"),
+            &out,
+        ],
+    ));
+    assert_eq!(
+        fs::read(out.join("random")).unwrap(),
+        fs::read(
+            mount_img(&vol, &tmp.path().join("o2"), false, true)
+                .dir
+                .join("random")
+        )
+        .unwrap()
+    );
+    assert_eq!(fs::read_dir(out.join("d/e")).unwrap().count(), 200);
+    assert_eq!(
+        sh(&format!(
+            "stat -c '%u:%g %a' {}",
+            out.join("random").display()
+        ))
+        .trim(),
+        "1234:5678 640",
+        "owner and mode kept"
+    );
+
+    // mount: served until SIGTERM, then everything is undone.
+    let dir = tmp.path().join("mnt");
+    let mut child = bmr()
+        .args(["image", "mount"])
+        .arg(&img)
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !dir.join("counting").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the image did not mount"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_same_tree(&tree(&dir), &want, "mounted image");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(!dir.join("counting").exists(), "unmounted after SIGTERM");
+    assert_eq!(
+        sh("losetup -a | wc -l"),
+        loops_before,
+        "its loop device is detached"
+    );
+}

@@ -8,7 +8,7 @@ use serde_json::json;
 use super::create::{self, CreateOptions};
 use super::format::Kind;
 use super::read::Image;
-use super::{files, restore};
+use super::{files, mount, restore};
 use crate::cli::ImageCmd;
 use crate::report::size;
 
@@ -66,7 +66,7 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
         } => {
             let img = Image::open(&from, key.secret()?.as_deref())?;
             if by_files {
-                let copied = files::restore_files(&img, &device)?;
+                let copied = files::restore_files(img, &device)?;
                 println!(
                     "restored {} file by file onto {} ({} of file data)",
                     from.display(),
@@ -156,6 +156,73 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
                     );
                 }
             }
+        }
+        ImageCmd::Mount { image, dir, key } => {
+            // Ctrl-C and SIGTERM are taken by a waiting thread, so they unmount cleanly.
+            let signals = nix::sys::signal::SigSet::from_iter([
+                nix::sys::signal::Signal::SIGINT,
+                nix::sys::signal::Signal::SIGTERM,
+            ]);
+            signals.thread_block()?;
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = stop.clone();
+            std::thread::spawn(move || {
+                let _ = signals.wait();
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+            let img = Image::open(&image, key.secret()?.as_deref())?;
+            let m = mount::mount(img, &dir)?;
+            println!(
+                "{} mounted read-only at {}; Ctrl-C or `umount {}` ends it",
+                image.display(),
+                dir.display(),
+                dir.display()
+            );
+            let dev = crate::probe::mounts::mounts()?
+                .into_iter()
+                .find(|x| x.mountpoint == std::fs::canonicalize(&dir).unwrap_or(dir.clone()))
+                .map(|x| (x.major, x.minor));
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                let still = crate::probe::mounts::mounts()?
+                    .iter()
+                    .any(|x| Some((x.major, x.minor)) == dev && x.mountpoint == m.dir);
+                if !still {
+                    break;
+                }
+            }
+            drop(m);
+        }
+        ImageCmd::Ls { image, path, key } => {
+            let img = Image::open(&image, key.secret()?.as_deref())?;
+            let dir = tempfile::tempdir()?;
+            let m = mount::mount(img, &dir.path().join("root"))?;
+            let start = path.unwrap_or_else(|| "/".into());
+            let rel = start.strip_prefix("/").unwrap_or(&start).to_path_buf();
+            let out = std::process::Command::new("find")
+                .arg(if rel.as_os_str().is_empty() {
+                    std::path::PathBuf::from(".")
+                } else {
+                    rel
+                })
+                .args(["-printf", "%M %10s %TY-%Tm-%Td %TH:%TM  /%P%l\\n"])
+                .current_dir(&m.dir)
+                .output()?;
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+            drop(m);
+        }
+        ImageCmd::Extract {
+            image,
+            paths,
+            to,
+            key,
+        } => {
+            let img = Image::open(&image, key.secret()?.as_deref())?;
+            let dir = tempfile::tempdir()?;
+            let m = mount::mount(img, &dir.path().join("root"))?;
+            let n = mount::extract(&m.dir, &paths, &to)?;
+            drop(m);
+            println!("extracted {n} entries into {}", to.display());
         }
         ImageCmd::Verify { image, key } => {
             let img = Image::open(&image, key.secret()?.as_deref())?;

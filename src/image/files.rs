@@ -3,36 +3,33 @@
 //! UUID and label is made, and every file is copied with owners, modes,
 //! times, xattrs/ACLs, hard links, symlinks, device nodes and holes.
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
 use super::create::device_size;
+use super::mount;
 use super::read::Image;
-use super::restore;
 use crate::apply::mkfs::{self, NewFs};
 use crate::manifest::Role;
 use crate::report::size;
 
-/// A mount that is undone when dropped, also on error paths.
+/// A mount of the new filesystem, undone when dropped, also on error paths.
 struct Mount {
     dir: PathBuf,
 }
 
 impl Mount {
-    fn new(fs: &str, source: &Path, dir: &Path, read_only: bool) -> Result<Mount> {
+    /// Mounts the new filesystem read-write (ntfs-3g for NTFS).
+    fn new(fs: &str, source: &Path, dir: &Path) -> Result<Mount> {
         fs::create_dir_all(dir)?;
         let mut cmd = if fs == "ntfs" {
-            let mut c = Command::new("ntfs-3g");
-            if read_only {
-                c.args(["-o", "ro"]);
-            }
-            c
+            Command::new("ntfs-3g")
         } else {
             let mut c = Command::new("mount");
-            c.args(["-t", fs, "-o", if read_only { "ro,loop" } else { "rw" }]);
+            c.args(["-t", fs]);
             c
         };
         let out = cmd
@@ -60,7 +57,7 @@ impl Drop for Mount {
     }
 }
 
-pub fn restore_files(img: &Image, dev: &Path) -> Result<u64> {
+pub fn restore_files(img: Image, dev: &Path) -> Result<u64> {
     let vol = &img.header.volume;
     let target = device_size(dev)?;
     if target < img.header.used_bytes {
@@ -77,34 +74,26 @@ pub fn restore_files(img: &Image, dev: &Path) -> Result<u64> {
     ) {
         bail!("a file-level restore of {} is not supported; restore the image onto a partition of at least {}", vol.filesystem, size(vol.size_bytes));
     }
-    // The image, materialised sparsely, is the source the kernel's own driver reads.
     let work = tempfile::Builder::new()
         .prefix("bmr-files-")
         .tempdir()
-        .context("creating a work directory (set TMPDIR to a roomy place)")?;
-    let source = work.path().join("source.img");
-    OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .open(&source)?
-        .set_len(vol.size_bytes)?;
-    restore::restore(img, &source, false).context("unpacking the image for the file copy")?;
-
+        .context("creating a work directory")?;
     let sector = crate::probe::disks::named(dev)
         .map(|d| d.logical_sector_size)
         .unwrap_or(512);
+    let (fs_name, uuid, label) = (vol.filesystem.clone(), vol.uuid.clone(), vol.label.clone());
+    // The image is read in place through FUSE by the kernel's own driver: nothing is unpacked.
+    let from = mount::mount(img, &work.path().join("from"))?;
     let new = NewFs {
-        filesystem: &vol.filesystem,
-        uuid: &vol.uuid,
-        label: &vol.label,
+        filesystem: &fs_name,
+        uuid: &uuid,
+        label: &label,
         role: Role::Data,
         size_bytes: target,
     };
     mkfs::run(&new, &dev.to_string_lossy(), sector, 0)
-        .with_context(|| format!("making the new {} on {}", vol.filesystem, dev.display()))?;
-
-    let from = Mount::new(&vol.filesystem, &source, &work.path().join("from"), true)?;
-    let to = Mount::new(&vol.filesystem, dev, &work.path().join("to"), false)?;
+        .with_context(|| format!("making the new {fs_name} on {}", dev.display()))?;
+    let to = Mount::new(&fs_name, dev, &work.path().join("to"))?;
     // lost+found comes with the new ext filesystem; the copy brings the saved one.
     let out = Command::new("cp")
         .args(["-a", "--sparse=always", "--no-target-directory"])

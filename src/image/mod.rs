@@ -9,6 +9,7 @@ pub mod crypto;
 pub mod files;
 pub mod format;
 pub mod http;
+pub mod mount;
 pub mod progress;
 pub mod read;
 pub mod restore;
