@@ -12,6 +12,7 @@ mod probe;
 mod report;
 mod sys;
 mod targets;
+mod tool;
 
 use std::process::ExitCode;
 

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 use crate::manifest::Role;
 use crate::plan::VolumePlan;
@@ -29,10 +29,7 @@ impl<'a> From<&'a VolumePlan> for NewFs<'a> {
 }
 
 fn tool(name: &str, package: &str) -> Result<Command> {
-    let found = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(name).is_file()))
-        .unwrap_or(false);
-    if !found {
+    if !crate::tool::exists(name) {
         bail!("{name} is not installed; install {package}");
     }
     Ok(Command::new(name))
@@ -138,14 +135,7 @@ pub fn commands(
 
 pub fn run(v: &NewFs<'_>, device: &str, sector: u32, start_sector: u64) -> Result<()> {
     for mut c in commands(v, device, sector, start_sector)? {
-        let out = c.output().with_context(|| format!("running {c:?}"))?;
-        if !out.status.success() {
-            bail!(
-                "{c:?} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        crate::tool::run(&mut c)?;
     }
     Ok(())
 }

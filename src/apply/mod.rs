@@ -174,17 +174,7 @@ fn open_rw(dev: &str) -> Result<std::fs::File> {
 /// Old filesystem signatures inside a new partition would make blkid (and
 /// people) take it for a restored volume.
 fn wipe(dev: &str) -> Result<()> {
-    let out = Command::new("wipefs")
-        .args(["-a", "-q", dev])
-        .output()
-        .context("running wipefs (util-linux)")?;
-    if !out.status.success() {
-        bail!(
-            "wipefs -a {dev} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    crate::tool::run(Command::new("wipefs").args(["-a", "-q", dev])).map(drop)
 }
 
 /// The new filesystem must carry the identity the plan gives it.

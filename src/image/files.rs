@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
@@ -15,6 +15,7 @@ use super::read::Image;
 use crate::apply::mkfs::{self, NewFs};
 use crate::manifest::Role;
 use crate::report::size;
+use crate::tool::run;
 
 /// A mount of the new filesystem, undone when dropped, also on error paths.
 struct Mount {
@@ -32,19 +33,9 @@ impl Mount {
             c.args(["-t", fs]);
             c
         };
-        let out = cmd
-            .arg(source)
-            .arg(dir)
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("mounting {}", source.display()))?;
-        if !out.status.success() {
-            bail!(
-                "cannot mount the {fs} filesystem {}: {} (does this kernel have a {fs} driver?)",
-                source.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        run(cmd.arg(source).arg(dir)).with_context(|| {
+            format!("mounting the new {fs} filesystem (does this kernel have a {fs} driver?)")
+        })?;
         Ok(Mount {
             dir: dir.to_path_buf(),
         })
@@ -95,19 +86,11 @@ pub fn restore_files(img: Image, dev: &Path) -> Result<u64> {
         .with_context(|| format!("making the new {fs_name} on {}", dev.display()))?;
     let to = Mount::new(&fs_name, dev, &work.path().join("to"))?;
     // lost+found comes with the new ext filesystem; the copy brings the saved one.
-    let out = Command::new("cp")
+    run(Command::new("cp")
         .args(["-a", "--sparse=always", "--no-target-directory"])
         .arg(from.dir.join("."))
-        .arg(&to.dir)
-        .stdin(Stdio::null())
-        .output()
-        .context("running cp")?;
-    if !out.status.success() {
-        bail!(
-            "copying the files failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+        .arg(&to.dir))
+    .context("copying the files")?;
     let copied = walk_size(&to.dir);
     drop(to);
     drop(from);

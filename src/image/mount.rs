@@ -6,7 +6,7 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
@@ -15,6 +15,7 @@ use fuser::{
 };
 
 use super::read::Image;
+use crate::tool::run;
 
 const TTL: Duration = Duration::from_secs(3600);
 const ROOT: u64 = 1;
@@ -153,20 +154,6 @@ impl fuser::Filesystem for VolumeFs {
 
 fn libc_enoent() -> i32 {
     2
-}
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// A mounted image; everything is undone on drop, in reverse order.

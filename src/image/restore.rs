@@ -16,6 +16,7 @@ use super::format::Entry;
 use super::progress::Progress;
 use super::read::Image;
 use crate::report::size;
+use crate::tool::run;
 
 const BATCH: usize = 16;
 
@@ -140,21 +141,6 @@ pub fn restore(img: &Image, dev: &Path, grow: bool) -> Result<Restored> {
     })
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stderr).trim(),
-            String::from_utf8_lossy(&out.stdout).trim()
-        );
-    }
-    Ok(())
-}
-
 /// Grows the restored filesystem to the partition with the filesystem's own tool.
 pub fn grow_fs(fs: &str, dev: &Path) -> Result<String> {
     match fs {
@@ -184,7 +170,7 @@ pub fn grow_fs(fs: &str, dev: &Path) -> Result<String> {
             Ok("grown with ntfsresize".into())
         }
         "vfat" => {
-            if which("fatresize") {
+            if crate::tool::exists("fatresize") {
                 run(Command::new("fatresize").args(["--size", "max"]).arg(dev))?;
                 Ok("grown with fatresize".into())
             } else {
@@ -194,11 +180,6 @@ pub fn grow_fs(fs: &str, dev: &Path) -> Result<String> {
         "swap" => Ok("swap keeps its size".into()),
         other => Ok(format!("not grown: bmr does not know how to grow {other}")),
     }
-}
-
-fn which(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
 }
 
 /// Checks every chunk of the image (and its parents) against its hash.

@@ -5,13 +5,22 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::{Mutex, MutexGuard};
+/// Loop devices are a machine-wide resource: tests take turns, across
+/// threads and processes alike (two test runs at once would race for them).
+pub struct Turn(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
 
-/// Loop devices are a machine-wide resource: tests take turns.
-static LOOPS: Mutex<()> = Mutex::new(());
-
-pub fn serial() -> MutexGuard<'static, ()> {
-    LOOPS.lock().unwrap_or_else(|e| e.into_inner())
+pub fn serial() -> Turn {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/bmr-tests.lock")
+        .expect("opening /run/bmr-tests.lock");
+    Turn(
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| e)
+            .expect("locking /run/bmr-tests.lock"),
+    )
 }
 
 pub fn require_root() {
