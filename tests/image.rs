@@ -555,3 +555,35 @@ fn mount_ls_and_extract_without_unpacking() {
         "its loop device is detached"
     );
 }
+
+#[test]
+fn a_mounted_target_is_refused() {
+    require_root();
+    let _turn = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let vol = ext4_volume(tmp.path(), 64);
+    let img = tmp.path().join("v.bmri");
+    ok(bmr_out(
+        &["image", "create", "--device"],
+        &[&vol, Path::new("--to"), &img],
+    ));
+    let disk = LoopDisk::attach(&vol);
+    let m = Mounted::new(&disk.dev, &tmp.path().join("busy"), &[]);
+    let err = refused(bmr_out(
+        &["image", "restore", "--from"],
+        &[&img, Path::new("--device"), Path::new(&disk.dev)],
+    ));
+    assert!(
+        err.contains("is mounted at") && err.contains("nothing was written"),
+        "{err}"
+    );
+    let err = refused(bmr_out(
+        &["image", "restore", "--files", "--from"],
+        &[&img, Path::new("--device"), Path::new(&disk.dev)],
+    ));
+    assert!(err.contains("is mounted at"), "{err}");
+    assert!(
+        m.dir.join("counting").exists(),
+        "the live filesystem is untouched"
+    );
+}

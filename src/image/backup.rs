@@ -75,6 +75,19 @@ fn locate(m: &Manifest) -> Result<Vec<(String, PathBuf, Option<PathBuf>)>> {
     Ok(out)
 }
 
+/// Runs `f` when dropped.
+struct Guard<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Guard<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
+fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
+    Guard(f)
+}
+
 fn same_fs(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     matches!((std::fs::metadata(a), std::fs::metadata(b)), (Ok(x), Ok(y)) if x.dev() == y.dev())
@@ -117,6 +130,13 @@ pub fn backup(o: &BackupOptions) -> Result<Vec<Done>> {
         let (created, how) = match &freeze {
             Some(dir) => {
                 let f = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+                // Ctrl-C or SIGTERM while frozen would leave the filesystem frozen:
+                // hold them until it is thawed, then let them act.
+                let signals = nix::sys::signal::SigSet::from_iter([nix::sys::signal::Signal::SIGINT, nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGHUP]);
+                signals.thread_block()?;
+                let _unblock = scopeguard(move || {
+                    let _ = signals.thread_unblock();
+                });
                 crate::sys::freeze_fs(f.as_fd()).with_context(|| format!("freezing {} (use --consistency none to image it unfrozen)", dir.display()))?;
                 let start = Instant::now();
                 let result = create::create(&opts);

@@ -49,6 +49,7 @@ impl Drop for Mount {
 }
 
 pub fn restore_files(img: Image, dev: &Path) -> Result<u64> {
+    super::restore::ensure_unused(dev)?;
     let vol = &img.header.volume;
     let target = device_size(dev)?;
     if target < img.header.used_bytes {

@@ -53,7 +53,32 @@ pub struct Restored {
 }
 
 /// Restores `img` onto `dev`, which must be at least the volume's size.
+/// Refuses a target that is mounted or swapped on: writing under a live
+/// filesystem destroys it and what is on it.
+pub fn ensure_unused(dev: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    if !std::fs::metadata(dev).is_ok_and(|m| m.file_type().is_block_device()) {
+        return Ok(());
+    }
+    let num = crate::probe::mounts::devnum(dev)?;
+    if let Some(m) = crate::probe::mounts::mountpoint_of(&crate::probe::mounts::mounts()?, num) {
+        bail!(
+            "{} is mounted at {}; unmount it first, nothing was written",
+            dev.display(),
+            m.mountpoint.display()
+        );
+    }
+    if crate::probe::mounts::active_swaps().contains(&num) {
+        bail!(
+            "{} is in use as swap; swapoff first, nothing was written",
+            dev.display()
+        );
+    }
+    Ok(())
+}
+
 pub fn restore(img: &Image, dev: &Path, grow: bool) -> Result<Restored> {
+    ensure_unused(dev)?;
     let vol = &img.header.volume;
     let target = device_size(dev)?;
     if target < vol.size_bytes {
