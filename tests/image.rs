@@ -587,3 +587,43 @@ fn a_mounted_target_is_refused() {
         "the live filesystem is untouched"
     );
 }
+
+#[test]
+fn files_written_during_a_live_read_are_logged() {
+    require_root();
+    let _turn = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let vol = ext4_volume(tmp.path(), 64);
+    let disk = LoopDisk::attach(&vol);
+    let m = Mounted::new(&disk.dev, &tmp.path().join("live"), &[]);
+    // A writer busy for the whole read, stopped by PID afterwards.
+    let mut writer = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while :; do date > {0}/busy.log; sync {0}/busy.log; done",
+            m.dir.display()
+        ))
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let img = tmp.path().join("live.bmri");
+    let out = bmr_out(&["image", "create", "--device", &disk.dev, "--to"], &[&img]);
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(err.contains("mounted read-write"), "{err}");
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(bmr_out(&["image", "info", "--json"], &[&img]))).unwrap();
+    let changed: Vec<&str> = info["exceptions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(changed.contains(&"/busy.log"), "{changed:?}");
+    assert!(
+        !changed.contains(&"/counting"),
+        "untouched files are not listed: {changed:?}"
+    );
+}

@@ -115,6 +115,7 @@ pub fn backup(o: &BackupOptions) -> Result<Vec<Done>> {
             level: o.level,
             chunk_size: create::DEFAULT_CHUNK,
             name: Some(name.clone()),
+            watch: None,
         };
         // Freeze what is mounted, unless the images go onto that same filesystem.
         let freeze = match (&mounted, o.consistency) {
@@ -132,20 +133,43 @@ pub fn backup(o: &BackupOptions) -> Result<Vec<Done>> {
                 let f = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
                 // Ctrl-C or SIGTERM while frozen would leave the filesystem frozen:
                 // hold them until it is thawed, then let them act.
-                let signals = nix::sys::signal::SigSet::from_iter([nix::sys::signal::Signal::SIGINT, nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGHUP]);
+                let signals = nix::sys::signal::SigSet::from_iter([
+                    nix::sys::signal::Signal::SIGINT,
+                    nix::sys::signal::Signal::SIGTERM,
+                    nix::sys::signal::Signal::SIGHUP,
+                ]);
                 signals.thread_block()?;
                 let _unblock = scopeguard(move || {
                     let _ = signals.thread_unblock();
                 });
-                crate::sys::freeze_fs(f.as_fd()).with_context(|| format!("freezing {} (use --consistency none to image it unfrozen)", dir.display()))?;
+                crate::sys::freeze_fs(f.as_fd()).with_context(|| {
+                    format!(
+                        "freezing {} (use --consistency none to image it unfrozen)",
+                        dir.display()
+                    )
+                })?;
                 let start = Instant::now();
                 let result = create::create(&opts);
                 let thawed = crate::sys::thaw_fs(f.as_fd());
                 let frozen = start.elapsed().as_secs_f64();
-                thawed.with_context(|| format!("thawing {}: run fsfreeze -u {}", dir.display(), dir.display()))?;
+                thawed.with_context(|| {
+                    format!(
+                        "thawing {}: run fsfreeze -u {}",
+                        dir.display(),
+                        dir.display()
+                    )
+                })?;
                 (result?, format!("frozen {frozen:.1} s while read"))
             }
-            None if mounted.is_some() => (create::create(&opts)?, "read while mounted, not frozen: it may be inconsistent if it was written meanwhile".to_string()),
+            None if mounted.is_some() => {
+                let watched = CreateOptions {
+                    watch: mounted.clone(),
+                    ..opts
+                };
+                let c = create::create(&watched)?;
+                let how = format!("read while mounted, not frozen: {} files changed meanwhile, listed in the image", c.exceptions.len());
+                (c, how)
+            }
             None => (create::create(&opts)?, "not mounted".to_string()),
         };
         if let Some(v) = m.volumes.iter_mut().find(|v| v.id == id) {

@@ -12,6 +12,18 @@ use super::{files, mount, restore};
 use crate::cli::ImageCmd;
 use crate::report::size;
 
+/// Where a block device is mounted read-write, if it is.
+fn mounted_rw(dev: &std::path::Path) -> Option<std::path::PathBuf> {
+    let num = crate::probe::mounts::devnum(dev).ok()?;
+    let mounts = crate::probe::mounts::mounts().ok()?;
+    let m = crate::probe::mounts::mountpoint_of(&mounts, num)?;
+    let ro = nix::sys::statvfs::statvfs(&m.mountpoint)
+        .ok()?
+        .flags()
+        .contains(nix::sys::statvfs::FsFlags::ST_RDONLY);
+    (!ro).then(|| m.mountpoint.clone())
+}
+
 fn rate(bytes: u64, secs: f64) -> String {
     format!("{}/s", size((bytes as f64 / secs.max(0.001)) as u64))
 }
@@ -30,6 +42,7 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
             if !(64..=65536).contains(&chunk_kib) || !chunk_kib.is_power_of_two() {
                 anyhow::bail!("--chunk-kib {chunk_kib}: give a power of two from 64 to 65536");
             }
+            let watch = mounted_rw(&device);
             let o = CreateOptions {
                 device,
                 to,
@@ -38,7 +51,11 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
                 level,
                 chunk_size: chunk_kib * 1024,
                 name,
+                watch,
             };
+            if let Some(dir) = &o.watch {
+                eprintln!("bmr: {} is mounted read-write at {}: files changed while it is read are logged in the image (bmr backup can freeze it)", o.device.display(), dir.display());
+            }
             let c = create::create(&o)?;
             if let Some(n) = c.uploaded {
                 println!("uploaded {n} new chunks; the server had the others");
@@ -107,6 +124,7 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
                 "chunks": {"metadata": count(Kind::Meta), "data": count(Kind::Data), "zero": count(Kind::Zero), "parent": count(Kind::Parent), "repository": count(Kind::External)},
                 "parent": h.parent,
                 "chain_length": img.chain_len(),
+                "exceptions": img.exceptions,
             });
             if as_json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
@@ -147,6 +165,18 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
                         "not encrypted"
                     }
                 );
+                if !img.exceptions.is_empty() {
+                    println!(
+                        "{} files changed while the volume was read (may be inconsistent): {}",
+                        img.exceptions.len(),
+                        img.exceptions
+                            .iter()
+                            .take(10)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
                 if let Some(p) = &h.parent {
                     println!(
                         "incremental on {} ({}); chain of {} images",

@@ -37,6 +37,9 @@ pub struct CreateOptions {
     pub chunk_size: u32,
     /// Image name inside a repository (default: from the volume).
     pub name: Option<String>,
+    /// Where the volume is mounted read-write while it is read: files changed
+    /// meanwhile are logged in the image (seed 004's exception log).
+    pub watch: Option<PathBuf>,
 }
 
 #[derive(Debug, Default)]
@@ -52,6 +55,8 @@ pub struct Created {
     pub seconds: f64,
     /// Chunks sent to an HTTP repository.
     pub uploaded: Option<u64>,
+    /// Files changed while the volume was read.
+    pub exceptions: Vec<String>,
 }
 
 /// Size of a block device or a regular file holding a volume.
@@ -361,7 +366,6 @@ pub fn create(o: &CreateOptions) -> Result<Created> {
         encryption,
         map_source: map.source.clone(),
         used_bytes,
-        exceptions: Vec::new(),
     };
 
     let tmp = path.with_file_name(format!(
@@ -419,6 +423,7 @@ fn write_image(
     let plan = order(map, chunk);
     let total: u64 = plan.iter().map(|(off, _)| chunk.min(map.size - off)).sum();
     let mut progress = Progress::new(&format!("imaging {}", o.device.display()), total);
+    let started = std::time::SystemTime::now();
 
     // A reader thread keeps the next batches coming while this one is sealed.
     let (tx, rx) = mpsc::sync_channel::<Result<Vec<Job>>>(2);
@@ -490,7 +495,12 @@ fn write_image(
     format::write_end(&mut w)?;
     pos += 1;
     entries.sort_by_key(|e| e.offset);
-    let index = format::encode_index(&entries);
+    let exceptions = match &o.watch {
+        Some(dir) => changed_since(dir, started),
+        None => Vec::new(),
+    };
+    c.exceptions = exceptions.clone();
+    let index = format::encode_index(&entries, &exceptions);
     w.write_all(&index)?;
     let trailer = Trailer {
         index_pos: pos,
@@ -505,6 +515,46 @@ fn write_image(
     let _ = file.stream_position();
     c.seconds = progress.finish();
     Ok(c)
+}
+
+/// Files under `dir` (on its filesystem only) modified or changed since
+/// `since`: what may be inconsistent in an image read while mounted.
+pub fn changed_since(dir: &Path, since: std::time::SystemTime) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(root_dev) = fs::metadata(dir).map(|m| m.dev()) else {
+        return Vec::new();
+    };
+    let since = since
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0);
+    let nanos = |s: i64, ns: i64| i128::from(s) * 1_000_000_000 + i128::from(ns);
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if m.dev() != root_dev {
+                continue;
+            }
+            if nanos(m.mtime(), m.mtime_nsec()).max(nanos(m.ctime(), m.ctime_nsec())) >= since {
+                out.push(format!(
+                    "/{}",
+                    e.path().strip_prefix(dir).unwrap_or(&e.path()).display()
+                ));
+            }
+            if m.is_dir() && out.len() < 100_000 {
+                stack.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 #[cfg(test)]

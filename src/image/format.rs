@@ -37,9 +37,6 @@ pub struct Header {
     /// What the used-block map was read from.
     pub map_source: String,
     pub used_bytes: u64,
-    /// Files that changed while the image was read (seed 004's exception log).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub exceptions: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -248,7 +245,9 @@ pub fn write_end<W: Write>(w: &mut W) -> io::Result<()> {
     w.write_all(&[END])
 }
 
-pub fn encode_index(entries: &[Entry]) -> Vec<u8> {
+/// The index: the block map, then the exception log (files that changed
+/// while a mounted volume was read), which is only known at the end.
+pub fn encode_index(entries: &[Entry], exceptions: &[String]) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + entries.len() * ENTRY_LEN);
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
     for e in entries {
@@ -260,17 +259,34 @@ pub fn encode_index(entries: &[Entry]) -> Vec<u8> {
         out.extend_from_slice(&e.pos.to_le_bytes());
         out.extend_from_slice(&e.stored_len.to_le_bytes());
     }
+    let log = serde_json::to_vec(exceptions).unwrap_or_default();
+    out.extend_from_slice(&(log.len() as u32).to_le_bytes());
+    out.extend_from_slice(&log);
     out
 }
 
-pub fn decode_index(b: &[u8], volume_size: u64) -> Result<Vec<Entry>> {
+pub fn decode_index(b: &[u8], volume_size: u64) -> Result<(Vec<Entry>, Vec<String>)> {
     ensure!(b.len() >= 4, "the image index is truncated");
     let n = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+    let log_at = n
+        .checked_mul(ENTRY_LEN)
+        .and_then(|x| x.checked_add(4))
+        .filter(|&x| x + 4 <= b.len());
+    let log_at = log_at.ok_or_else(|| {
+        anyhow!(
+            "the image index has {} bytes for {n} entries: damaged",
+            b.len()
+        )
+    })?;
+    let log_len =
+        u32::from_le_bytes([b[log_at], b[log_at + 1], b[log_at + 2], b[log_at + 3]]) as usize;
     ensure!(
-        b.len() == 4 + n * ENTRY_LEN,
-        "the image index has {} bytes for {n} entries: damaged",
+        b.len() == log_at + 4 + log_len,
+        "the image index has {} bytes for {n} entries and a {log_len}-byte log: damaged",
         b.len()
     );
+    let exceptions: Vec<String> = serde_json::from_slice(&b[log_at + 4..])
+        .map_err(|e| anyhow!("the exception log is damaged: {e}"))?;
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let e = &b[4 + i * ENTRY_LEN..4 + (i + 1) * ENTRY_LEN];
@@ -299,7 +315,7 @@ pub fn decode_index(b: &[u8], volume_size: u64) -> Result<Vec<Entry>> {
         );
         out.push(entry);
     }
-    Ok(out)
+    Ok((out, exceptions))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -363,7 +379,6 @@ mod tests {
             encryption: None,
             map_source: "test".into(),
             used_bytes: 5,
-            exceptions: vec![],
         }
     }
 
@@ -417,8 +432,11 @@ mod tests {
             pos: 0,
             stored_len: 0,
         };
-        let idx = encode_index(&[e]);
-        assert_eq!(decode_index(&idx, 1 << 20).unwrap(), vec![e]);
+        let idx = encode_index(&[e], &["/var/log/syslog".to_string()]);
+        assert_eq!(
+            decode_index(&idx, 1 << 20).unwrap(),
+            (vec![e], vec!["/var/log/syslog".to_string()])
+        );
         assert!(decode_index(&idx, 100)
             .unwrap_err()
             .to_string()

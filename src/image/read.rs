@@ -18,6 +18,8 @@ pub struct Image {
     pub header: Header,
     pub entries: Vec<Entry>,
     pub index_hash: [u8; 32],
+    /// Files that changed while the volume was read.
+    pub exceptions: Vec<String>,
     file: File,
     key: Option<Key>,
     store: Option<Store>,
@@ -73,7 +75,7 @@ impl Image {
             "{}: the image index is damaged (checksum mismatch)",
             path.display()
         );
-        let entries = format::decode_index(&index, header.volume.size_bytes)
+        let (entries, exceptions) = format::decode_index(&index, header.volume.size_bytes)
             .with_context(|| format!("{}", path.display()))?;
         for e in &entries {
             ensure!(
@@ -137,6 +139,7 @@ impl Image {
             header,
             entries,
             index_hash: trailer.index_hash,
+            exceptions,
             file,
             key,
             store,
