@@ -117,10 +117,16 @@ pub fn backup(o: &BackupOptions) -> Result<Vec<Done>> {
             name: Some(name.clone()),
             watch: None,
         };
-        // Freeze what is mounted, unless the images go onto that same filesystem.
+        // Freeze what is mounted, unless the images go onto that same
+        // filesystem (for an HTTP repository they are staged in $TMPDIR).
+        let staging = if remote {
+            std::env::temp_dir()
+        } else {
+            o.to.clone()
+        };
         let freeze = match (&mounted, o.consistency) {
             (None, _) | (_, Some(Consistency::None)) => None,
-            (Some(dir), _) if same_fs(dir, &o.to) => {
+            (Some(dir), _) if same_fs(dir, &staging) => {
                 if o.consistency == Some(Consistency::Freeze) {
                     bail!("{id} is mounted at {} and the images go onto it: it cannot be frozen while bmr writes there; choose another --to", dir.display());
                 }
