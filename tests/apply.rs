@@ -21,23 +21,12 @@ struct Saved {
 
 fn saved(kind: &str) -> Saved {
     let tmp = tempfile::tempdir().unwrap();
-    let source = tmp.path().join(format!("{kind}.img"));
-    make_disk(kind, &source);
     let medium = tmp.path().join("medium.img");
-    {
-        let disk = LoopDisk::attach(&source);
-        let root = Mounted::new(
-            &disk.part(if kind == "gpt" { 2 } else { 1 }),
-            &tmp.path().join("root"),
-            &[],
-        );
-        run(bmr()
-            .args(["save", "--catalog", "none", "--medium"])
-            .arg(&medium)
-            .arg("--system-root")
-            .arg(&root.dir)
-            .args(["--disk", &disk.dev]));
-    }
+    let source = {
+        let sys = test_system(kind, tmp.path());
+        sys.save(&medium);
+        sys.image.clone()
+    };
     Saved {
         tmp,
         medium,
@@ -70,10 +59,6 @@ fn parts(table: &Value) -> Vec<Value> {
         .collect()
 }
 
-fn hash(path: &Path) -> String {
-    blake3::hash(&fs::read(path).unwrap()).to_hex().to_string()
-}
-
 fn apply(s: &Saved, disk: &LoopDisk, extra: &[&str]) -> Output {
     bmr()
         .args(["apply", "--yes", "--medium"])
@@ -83,28 +68,6 @@ fn apply(s: &Saved, disk: &LoopDisk, extra: &[&str]) -> Output {
         .args(extra)
         .output()
         .unwrap()
-}
-
-fn ok(out: Output) -> String {
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        text,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
-
-fn refused(out: Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !out.status.success(),
-        "should fail: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(!err.contains("panicked"), "{err}");
-    err
 }
 
 fn plan_json(s: &Saved, disk: &LoopDisk) -> Value {
@@ -321,7 +284,7 @@ fn bad_input_stops_before_writing() {
         "printf 'precious' | dd of={} bs=1 seek=1048576 conv=notrunc status=none",
         disk.dev
     ));
-    let before = hash(&img);
+    let before = file_hash(&img);
 
     let out = bmr()
         .args(["apply", "--medium"])
@@ -349,7 +312,7 @@ fn bad_input_stops_before_writing() {
         err.contains("proportional") && err.contains("grow-last"),
         "{err}"
     );
-    assert_eq!(hash(&img), before, "nothing written");
+    assert_eq!(file_hash(&img), before, "nothing written");
 
     // A mounted target is in use: never chosen, and refused when named.
     let (_busy_img, busy) = {
@@ -384,14 +347,14 @@ fn bad_input_stops_before_writing() {
         img.display(),
         disk.dev
     ));
-    let before = hash(&img);
+    let before = file_hash(&img);
     let err = refused(apply(&s, &disk, &["--plan", plan_file.to_str().unwrap()]));
     assert!(
         err.contains("preflight failed, nothing was written")
             && err.contains("plan was made for 256 MiB"),
         "{err}"
     );
-    assert_eq!(hash(&img), before, "nothing written");
+    assert_eq!(file_hash(&img), before, "nothing written");
 }
 
 #[test]

@@ -15,17 +15,10 @@ fn backup_images_every_volume_and_records_them_on_the_medium() {
     require_root();
     let _turn = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let img = tmp.path().join("gpt.img");
-    make_disk("gpt", &img);
-    let disk = LoopDisk::attach(&img);
-    let root = Mounted::new(&disk.part(2), &tmp.path().join("root"), &[]);
+    let sys = test_system("gpt", tmp.path());
+    let root = &sys.root;
     let medium = tmp.path().join("medium.img");
-    run(bmr()
-        .args(["save", "--catalog", "none", "--medium"])
-        .arg(&medium)
-        .arg("--system-root")
-        .arg(&root.dir)
-        .args(["--disk", &disk.dev]));
+    sys.save(&medium);
 
     // The images cannot go onto the filesystem that has to be frozen.
     let inside = root.dir.join("repo");

@@ -5,20 +5,12 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use common::*;
 
 fn fails(cmd: &mut Command) -> String {
-    let out: Output = cmd.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !out.status.success(),
-        "{cmd:?} should fail; stdout: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    stderr
+    refused(cmd.output().unwrap())
 }
 
 fn save(medium: &Path, root: &Path, disk: &str) -> Command {
@@ -57,10 +49,8 @@ fn read_only_medium_place_unknown_driver_and_kernel() {
     require_root();
     let _turn = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let img = tmp.path().join("mbr.img");
-    make_disk("mbr", &img);
-    let disk = LoopDisk::attach(&img);
-    let root = Mounted::new(&disk.part(1), &tmp.path().join("root"), &[]);
+    let sys = test_system("mbr", tmp.path());
+    let (disk, root) = (&sys.disk, &sys.root);
 
     let ro = Mounted::new(
         "tmpfs",
@@ -153,10 +143,8 @@ fn damaged_or_truncated_medium_is_refused() {
     require_root();
     let _turn = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let img = tmp.path().join("mbr.img");
-    make_disk("mbr", &img);
-    let disk = LoopDisk::attach(&img);
-    let root = Mounted::new(&disk.part(1), &tmp.path().join("root"), &[]);
+    let sys = test_system("mbr", tmp.path());
+    let (disk, root) = (&sys.disk, &sys.root);
     let medium = tmp.path().join("m.img");
     run(&mut save(&medium, &root.dir, &disk.dev));
     let ok = stdout(bmr().args(["manifest", "check"]).arg(&medium));

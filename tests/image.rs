@@ -87,31 +87,6 @@ fn bmr_out(args: &[&str], extra: &[&Path]) -> Output {
     bmr().args(args).args(extra).output().unwrap()
 }
 
-fn ok(out: Output) -> String {
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
-
-fn refused(out: Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !out.status.success(),
-        "should fail: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(!err.contains("panicked"), "{err}");
-    err
-}
-
-fn hash(p: &Path) -> String {
-    blake3::hash(&fs::read(p).unwrap()).to_hex().to_string()
-}
-
 #[test]
 fn ext4_round_trip_same_size_and_larger_then_file_level_onto_smaller() {
     require_root();
@@ -316,7 +291,7 @@ fn incremental_chain_of_three_and_repository_dedup() {
     // A missing parent is found before anything is written.
     fs::rename(&imgs[0], tmp.path().join("moved.bmri")).unwrap();
     let target2 = file(tmp.path(), "t2.img", 128);
-    let before = hash(&target2);
+    let before = file_hash(&target2);
     let err = refused(bmr_out(
         &["image", "restore", "--from"],
         &[&imgs[2], Path::new("--device"), &target2],
@@ -325,7 +300,7 @@ fn incremental_chain_of_three_and_repository_dedup() {
         err.contains("cannot be opened") && err.contains("v1.bmri"),
         "{err}"
     );
-    assert_eq!(hash(&target2), before);
+    assert_eq!(file_hash(&target2), before);
 
     // Two similar volumes share their chunks in a repository.
     let repo = tmp.path().join("repo");
@@ -395,7 +370,7 @@ fn damage_and_wrong_keys_are_caught() {
         "directory names do not appear in the clear"
     );
     let target = file(tmp.path(), "t.img", 64);
-    let before = hash(&target);
+    let before = file_hash(&target);
     let restore = |pass: &str, from: &Path| {
         bmr()
             .env("BMR_PASS", pass)
@@ -408,7 +383,7 @@ fn damage_and_wrong_keys_are_caught() {
     };
     let err = refused(restore("open up", &img));
     assert!(err.contains("wrong passphrase"), "{err}");
-    assert_eq!(hash(&target), before, "a wrong key writes nothing");
+    assert_eq!(file_hash(&target), before, "a wrong key writes nothing");
     let err = refused(bmr_out(
         &["image", "restore", "--from"],
         &[&img, Path::new("--device"), &target],

@@ -131,10 +131,8 @@ fn gpt_disk_with_esp_root_swap_and_ntfs() {
     require_root();
     let _turn = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let img = tmp.path().join("gpt.img");
-    make_disk("gpt", &img);
-    let disk = LoopDisk::attach(&img);
-    let root = Mounted::new(&disk.part(2), &tmp.path().join("root"), &[]);
+    let sys = test_system("gpt", tmp.path());
+    let (disk, root) = (&sys.disk, &sys.root);
     let kver = install_debian_modules(&root.dir)
         .expect("Debian kernel modules (scripts/fetch-debian-kernel)");
     let medium = tmp.path().join("medium.img");
@@ -179,7 +177,7 @@ fn gpt_disk_with_esp_root_swap_and_ntfs() {
         m["partitions"][3]["attributes"], "0x0000000000000001",
         "RequiredPartition attribute bit"
     );
-    assert_volumes_match_blkid(&m, &disk);
+    assert_volumes_match_blkid(&m, disk);
 
     // Roles and mountpoints from the live mount and the system's fstab.
     let roles: Vec<(&str, &str, &str)> = m["volumes"]
@@ -340,17 +338,10 @@ fn mbr_disk_with_fat32_and_a_logical_partition() {
     require_root();
     let _turn = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let img = tmp.path().join("mbr.img");
-    make_disk("mbr", &img);
-    let disk = LoopDisk::attach(&img);
-    let root = Mounted::new(&disk.part(1), &tmp.path().join("root"), &[]);
+    let sys = test_system("mbr", tmp.path());
+    let disk = &sys.disk;
     let medium = tmp.path().join("medium.img");
-    run(bmr()
-        .args(["save", "--catalog", "none", "--medium"])
-        .arg(&medium)
-        .arg("--system-root")
-        .arg(&root.dir)
-        .args(["--disk", &disk.dev]));
+    sys.save(&medium);
 
     let m = manifest_json(&medium);
     assert_eq!(m["disks"][0]["table"], "mbr");
@@ -382,7 +373,7 @@ fn mbr_disk_with_fat32_and_a_logical_partition() {
         m["partitions"][2].get("volume").is_none(),
         "an extended partition holds no volume"
     );
-    assert_volumes_match_blkid(&m, &disk);
+    assert_volumes_match_blkid(&m, disk);
 
     let roles: Vec<(&str, &str, &str, &str)> = m["volumes"]
         .as_array()
@@ -439,10 +430,8 @@ fn medium_on_an_existing_fat_partition_keeps_other_files() {
     require_root();
     let _turn = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let img = tmp.path().join("mbr.img");
-    make_disk("mbr", &img);
-    let disk = LoopDisk::attach(&img);
-    let root = Mounted::new(&disk.part(1), &tmp.path().join("root"), &[]);
+    let sys = test_system("mbr", tmp.path());
+    let (disk, root) = (&sys.disk, &sys.root);
 
     // A USB stick with one FAT partition that already holds the admin's notes.
     let stick_img = tmp.path().join("stick.img");

@@ -152,3 +152,66 @@ pub fn make_disk(kind: &str, image: &Path) {
         .arg(kind)
         .arg(image));
 }
+
+/// A test system disk (scripts/make-disk) attached, with its root mounted.
+/// Fields drop in declaration order: the root is unmounted before the disk
+/// is detached.
+pub struct TestSystem {
+    pub root: Mounted,
+    pub disk: LoopDisk,
+    pub image: PathBuf,
+}
+
+pub fn test_system(kind: &str, dir: &Path) -> TestSystem {
+    let image = dir.join(format!("{kind}.img"));
+    make_disk(kind, &image);
+    let disk = LoopDisk::attach(&image);
+    let root = Mounted::new(
+        &disk.part(if kind == "gpt" { 2 } else { 1 }),
+        &dir.join("root"),
+        &[],
+    );
+    TestSystem { root, disk, image }
+}
+
+impl TestSystem {
+    /// `bmr save --catalog none` of this system onto `medium`.
+    pub fn save(&self, medium: &Path) {
+        run(bmr()
+            .args(["save", "--catalog", "none", "--medium"])
+            .arg(medium)
+            .arg("--system-root")
+            .arg(&self.root.dir)
+            .args(["--disk", &self.disk.dev]));
+    }
+}
+
+/// Stdout of a command that must succeed.
+pub fn ok(out: Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// Stderr of a command that must fail cleanly (an error, not a panic).
+pub fn refused(out: Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "should fail: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+/// BLAKE3 of a whole file: "nothing was written" checks.
+pub fn file_hash(path: &Path) -> String {
+    blake3::hash(&std::fs::read(path).unwrap())
+        .to_hex()
+        .to_string()
+}
