@@ -245,6 +245,31 @@ const EXT_BG_BLOCK_UNINIT: u64 = 0x2;
 const EXT_EXTENTS_FL: u64 = 0x8_0000;
 const EXT_INLINE_DATA_FL: u64 = 0x1000_0000;
 
+/// Whether ext group `g` holds a copy of the superblock (ext4_bg_has_super),
+/// from the superblock's compat and ro_compat features and, for
+/// sparse_super2, its two backup groups.
+pub(crate) fn ext_has_super(g: u64, compat: u64, ro_compat: u64, backup_bgs: [u64; 2]) -> bool {
+    if g == 0 {
+        return true;
+    }
+    if compat & EXT_COMPAT_SPARSE_SUPER2 != 0 {
+        return g == backup_bgs[0] || g == backup_bgs[1];
+    }
+    if g <= 1 || ro_compat & EXT_RO_SPARSE_SUPER == 0 {
+        return true;
+    }
+    if g & 1 == 0 {
+        return false;
+    }
+    [3u64, 5, 7].iter().any(|&base| {
+        let mut n = base;
+        while n < g {
+            n *= base;
+        }
+        n == g
+    })
+}
+
 #[derive(Debug, Clone, Copy)]
 struct ExtDesc {
     block_bitmap: u64,
@@ -439,25 +464,7 @@ impl Ext<'_> {
 
     /// Whether group `g` holds a copy of the superblock (ext4_bg_has_super).
     fn has_super(&self, g: u64) -> bool {
-        if g == 0 {
-            return true;
-        }
-        if self.compat & EXT_COMPAT_SPARSE_SUPER2 != 0 {
-            return g == self.backup_bgs[0] || g == self.backup_bgs[1];
-        }
-        if g <= 1 || self.ro_compat & EXT_RO_SPARSE_SUPER == 0 {
-            return true;
-        }
-        if g & 1 == 0 {
-            return false;
-        }
-        [3u64, 5, 7].iter().any(|&base| {
-            let mut n = base;
-            while n < g {
-                n *= base;
-            }
-            n == g
-        })
+        ext_has_super(g, self.compat, self.ro_compat, self.backup_bgs)
     }
 
     /// Blocks at the start of group `g` taken by the superblock copy, group

@@ -153,11 +153,12 @@ pub fn ext_usage(dev: &Path) -> Result<Usage> {
     } else {
         let gdt_blocks = (groups * desc_size).div_ceil(block);
         let itable = (inodes_per_group * inode_size).div_ceil(block);
-        let sparse = ro_compat & 0x1 != 0;
+        let compat = le32(&sb, 0x5C);
+        let backup_bgs = [le32(&sb, 0x24C), le32(&sb, 0x250)];
         let meta_bg = incompat & 0x10 != 0;
         let mut total = first_data;
         for g in 0..groups {
-            if has_super(g, sparse) {
+            if crate::image::used::ext_has_super(g, compat, ro_compat, backup_bgs) {
                 // meta_bg spreads descriptors over groups; counting them per
                 // backup is close enough for sizing and rare in practice.
                 total += 1 + if meta_bg {
@@ -174,19 +175,6 @@ pub fn ext_usage(dev: &Path) -> Result<Usage> {
     Ok(Usage {
         used: used_blocks * block,
         overhead: overhead_blocks * block,
-    })
-}
-
-fn has_super(group: u64, sparse: bool) -> bool {
-    if !sparse || group <= 1 {
-        return true;
-    }
-    [3u64, 5, 7].iter().any(|&base| {
-        let mut n = base;
-        while n < group {
-            n *= base;
-        }
-        n == group
     })
 }
 
@@ -281,10 +269,10 @@ pub fn ntfs_usage(dev: &Path) -> Result<Usage> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     #[test]
     fn sparse_super_groups() {
+        let has_super =
+            |g, sparse: bool| crate::image::used::ext_has_super(g, 0, u64::from(sparse), [0, 0]);
         let with: Vec<u64> = (0..60).filter(|&g| has_super(g, true)).collect();
         assert_eq!(with, vec![0, 1, 3, 5, 7, 9, 25, 27, 49]);
         assert!((0..10).all(|g| has_super(g, false)));
