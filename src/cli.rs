@@ -115,6 +115,8 @@ pub enum Cmd {
         #[command(subcommand)]
         action: ManifestCmd,
     },
+    /// Build the rescue initramfs and the hybrid ISO (BIOS and UEFI, CD and USB stick).
+    Mkrescue(crate::rescue::cli::Args),
 }
 
 /// What a plan is made from: the same flags for `plan`, `apply` and (later) recovery.
@@ -416,6 +418,7 @@ pub fn run() -> Result<ExitCode> {
             );
         }
         Cmd::Manifest { action } => return manifest_cmd(action),
+        Cmd::Mkrescue(args) => crate::rescue::cli::run(&args)?,
     }
     Ok(ExitCode::SUCCESS)
 }

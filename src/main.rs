@@ -2,6 +2,7 @@
 //! probe), the rescue initramfs (/init, recover) and phase two.
 
 mod apply;
+mod boot;
 mod capture;
 mod cli;
 mod image;
@@ -10,6 +11,7 @@ mod medium;
 mod plan;
 mod probe;
 mod report;
+mod rescue;
 mod sys;
 mod targets;
 mod tool;
@@ -17,6 +19,9 @@ mod tool;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    if boot::is_pid1() {
+        boot::init();
+    }
     sys::default_sigpipe();
     match cli::run() {
         Ok(code) => code,

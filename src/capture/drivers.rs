@@ -61,13 +61,13 @@ fn version_key(v: &str) -> Vec<u64> {
         .collect()
 }
 
-struct DepTable {
+pub struct DepTable {
     /// name -> (relative path, direct dependencies as names)
-    modules: HashMap<String, (String, Vec<String>)>,
-    builtin: Vec<String>,
+    pub modules: HashMap<String, (String, Vec<String>)>,
+    pub builtin: Vec<String>,
 }
 
-fn read_deps(dir: &Path) -> Result<DepTable> {
+pub fn read_deps(dir: &Path) -> Result<DepTable> {
     let dep = fs::read_to_string(dir.join("modules.dep"))
         .with_context(|| format!("reading {}/modules.dep", dir.display()))?;
     let mut modules = HashMap::new();
@@ -222,6 +222,24 @@ pub fn vermagic(module: &[u8]) -> Result<String> {
     let rest = &module[at + key.len()..];
     let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
     Ok(String::from_utf8_lossy(&rest[..end]).into_owned())
+}
+
+/// Every `key=` value in a module's .modinfo strings (e.g. its firmware files).
+pub fn modinfo_values(module: &[u8], key: &str) -> Vec<String> {
+    let needle = format!("\0{key}=");
+    let needle = needle.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while let Some(at) = module[i..].windows(needle.len()).position(|w| w == needle) {
+        let start = i + at + needle.len();
+        let end = module[start..]
+            .iter()
+            .position(|&b| b == 0)
+            .map_or(module.len(), |e| start + e);
+        out.push(String::from_utf8_lossy(&module[start..end]).into_owned());
+        i = end;
+    }
+    out
 }
 
 #[cfg(test)]

@@ -1,0 +1,347 @@
+//! bmr as PID 1 of the rescue system: pseudo filesystems and console,
+//! kernel flags, udev coldplug, the recovery medium and its drivers, a
+//! boot report, then the hand-over that `bmr.mode` asks for.
+
+pub mod cmdline;
+pub mod discover;
+pub mod drivers;
+pub mod pid1;
+pub mod udev;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use cmdline::{Flags, Mode};
+use pid1::{say, show};
+
+pub const READY: &str = "rescue system ready";
+
+#[derive(Debug, Default, Serialize)]
+pub struct BootReport {
+    pub kernel: String,
+    pub cmdline: String,
+    pub flags: Flags,
+    pub udevd_pid: Option<u32>,
+    pub modules_loaded: Vec<String>,
+    pub medium: Option<MediumFound>,
+    pub drivers_from_medium: Vec<drivers::Loaded>,
+    pub devices_without_driver: Vec<String>,
+    pub disks: Vec<String>,
+    pub tapes: Vec<String>,
+    pub warnings: Vec<String>,
+    pub seconds_to_ready: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MediumFound {
+    pub device: PathBuf,
+    pub machine: String,
+    pub saved: String,
+}
+
+pub fn is_pid1() -> bool {
+    std::process::id() == 1
+}
+
+/// The whole of PID 1; never returns.
+pub fn init() -> ! {
+    let start = Instant::now();
+    pid1::handle_shutdown_signals();
+    let mount_problems = pid1::mount_pseudo();
+    let line = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let flags = cmdline::parse(line.trim());
+    pid1::open_console(&flags.consoles);
+    pid1::install_panic_hook(flags.lock);
+    std::env::set_var("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    say(&format!(
+        "bmr {} rescue system, kernel {}",
+        env!("CARGO_PKG_VERSION"),
+        release()
+    ));
+    let mut report = BootReport {
+        kernel: release(),
+        cmdline: line.trim().to_string(),
+        flags: flags.clone(),
+        ..BootReport::default()
+    };
+    report.warnings.extend(mount_problems);
+    report.warnings.extend(flags.warnings.iter().cloned());
+    for w in &flags.warnings {
+        say(&format!("warning: {w}"));
+    }
+    if flags.lock && !flags.breaks.is_empty() {
+        warn(
+            &mut report,
+            "bmr.break is ignored: bmr.lock allows no shell",
+        );
+    }
+
+    stop_if(&flags, "udev");
+    match udev::start(flags.debug) {
+        Ok(u) => {
+            report.udevd_pid = Some(u.pid());
+            if let Err(e) = udev::coldplug() {
+                warn(&mut report, &format!("udev coldplug: {e:#}"));
+            }
+            std::mem::forget(u);
+        }
+        Err(e) => warn(
+            &mut report,
+            &format!("{e:#}; drivers must be loaded by hand (modprobe)"),
+        ),
+    }
+
+    stop_if(&flags, "medium");
+    let manifest = find_medium(&flags, &mut report);
+
+    stop_if(&flags, "drivers");
+    if let Some((dev, m)) = &manifest {
+        load_drivers(dev, m, &mut report);
+    }
+
+    report.modules_loaded = udev::loaded_modules();
+    report.devices_without_driver = udev::devices_without_driver(Path::new("/sys"));
+    report.disks = crate::probe::disks::all()
+        .map(|ds| {
+            ds.iter()
+                .map(|d| {
+                    format!(
+                        "{} {} {}",
+                        d.device,
+                        crate::report::size(d.size_bytes),
+                        d.model
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    report.tapes = tapes();
+    report.seconds_to_ready = start.elapsed().as_secs_f64();
+    summary(&report);
+    if let Err(e) = write_report(&report) {
+        say(&format!("warning: cannot write the boot report: {e:#}"));
+    }
+    say(READY);
+
+    stop_if(&flags, "recover");
+    hand_over(&flags, manifest.as_ref().map(|(d, m)| (d.as_path(), m)));
+    if flags.lock {
+        say("bmr.lock is set: no shell; switch the machine off or press Ctrl-Alt-Del");
+        pid1::idle();
+    }
+    loop {
+        say("starting a shell (exit it for a new one; `reboot` restarts, `poweroff` stops)");
+        pid1::shell();
+    }
+}
+
+fn release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn warn(report: &mut BootReport, msg: &str) {
+    say(&format!("warning: {msg}"));
+    report.warnings.push(msg.to_string());
+}
+
+fn stop_if(flags: &Flags, step: &str) {
+    if flags.stops_before(step) && !flags.lock {
+        say(&format!(
+            "bmr.break={step}: shell before step \"{step}\"; exit it to go on"
+        ));
+        pid1::shell();
+    }
+}
+
+fn find_medium(
+    flags: &Flags,
+    report: &mut BootReport,
+) -> Option<(PathBuf, crate::manifest::Manifest)> {
+    let wait = Duration::from_secs(if flags.medium.is_some() { 30 } else { 8 });
+    let (choice, seen) = discover::find(flags.medium.as_deref(), wait);
+    let dev = match choice {
+        discover::Choice::Found(d) => d,
+        discover::Choice::Several(ds) => {
+            warn(
+                report,
+                &format!(
+                    "more than one recovery medium: {}; using the first (name one with bmr.medium=)",
+                    ds.iter()
+                        .map(|d| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+            ds[0].clone()
+        }
+        discover::Choice::NotFound => {
+            let looked: Vec<String> = seen
+                .iter()
+                .map(|c| format!("{} ({} \"{}\")", c.device.display(), c.filesystem, c.label))
+                .collect();
+            warn(
+                report,
+                &format!(
+                    "no recovery medium found ({}); looked at: {}. Insert the floppy or USB stick \
+                     that `bmr save` wrote and reboot, or name it with bmr.medium=",
+                    match &flags.medium {
+                        Some(s) => format!("bmr.medium={s}"),
+                        None => format!("a FAT filesystem labelled {}", crate::medium::LABEL),
+                    },
+                    if looked.is_empty() {
+                        "no filesystems".to_string()
+                    } else {
+                        looked.join(", ")
+                    }
+                ),
+            );
+            return None;
+        }
+    };
+    match crate::medium::load_manifest(&dev) {
+        Ok(m) => {
+            say(&format!(
+                "recovery medium {}: machine {}, saved {}",
+                dev.display(),
+                m.system.hostname,
+                m.manifest.created
+            ));
+            report.medium = Some(MediumFound {
+                device: dev.clone(),
+                machine: m.system.hostname.clone(),
+                saved: m.manifest.created.clone(),
+            });
+            Some((dev, m))
+        }
+        Err(e) => {
+            warn(
+                report,
+                &format!("recovery medium {} is unusable: {e:#}", dev.display()),
+            );
+            None
+        }
+    }
+}
+
+fn load_drivers(dev: &Path, m: &crate::manifest::Manifest, report: &mut BootReport) {
+    if m.drivers.is_empty() {
+        return;
+    }
+    let rel = release();
+    let magic = drivers::kernel_vermagic(Path::new("/lib/modules"), &rel);
+    let read = |f: &str| crate::medium::read_file(dev, f);
+    let results = drivers::load_all(&m.drivers, &read, &rel, magic.as_deref());
+    for r in &results {
+        match r.result.as_str() {
+            "loaded" => say(&format!(
+                "driver {} loaded from the medium ({})",
+                r.module, r.file
+            )),
+            "already-present" => say(&format!(
+                "driver {}: already in the kernel, the medium's copy is not needed",
+                r.module
+            )),
+            _ => warn(
+                report,
+                &format!(
+                    "driver {} from the medium {}: {}",
+                    r.module, r.result, r.detail
+                ),
+            ),
+        }
+    }
+    report.drivers_from_medium = results;
+    // Devices the new drivers can now bind (the tape: /dev/nst0).
+    if let Err(e) = udev::coldplug() {
+        warn(report, &format!("udev after loading drivers: {e:#}"));
+    }
+}
+
+fn tapes() -> Vec<String> {
+    let mut t: Vec<String> = fs::read_dir("/dev")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("nst") && n[3..].chars().all(|c| c.is_ascii_digit()))
+        .map(|n| format!("/dev/{n}"))
+        .collect();
+    t.sort();
+    t
+}
+
+fn summary(r: &BootReport) {
+    say(&format!("disks: {}", list(&r.disks)));
+    say(&format!("tapes: {}", list(&r.tapes)));
+    let from_medium: Vec<&str> = r
+        .drivers_from_medium
+        .iter()
+        .filter(|d| d.result == "loaded")
+        .map(|d| d.module.as_str())
+        .collect();
+    say(&format!(
+        "modules: {} loaded, from the medium: {}",
+        r.modules_loaded.len(),
+        list(&from_medium)
+    ));
+    if !r.devices_without_driver.is_empty() {
+        say(&format!(
+            "devices without a driver: {}",
+            r.devices_without_driver.join("; ")
+        ));
+    }
+    say(&format!(
+        "{} warnings; report in {}/boot.json",
+        r.warnings.len(),
+        pid1::LOG_DIR
+    ));
+}
+
+fn list<S: AsRef<str>>(items: &[S]) -> String {
+    if items.is_empty() {
+        "none".to_string()
+    } else {
+        items
+            .iter()
+            .map(|s| s.as_ref())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+fn write_report(r: &BootReport) -> anyhow::Result<()> {
+    let path = Path::new(pid1::LOG_DIR).join("boot.json");
+    fs::write(&path, serde_json::to_vec_pretty(r)?)?;
+    Ok(())
+}
+
+/// Until recovery itself arrives, auto and guided show what they would do.
+fn hand_over(flags: &Flags, medium: Option<(&Path, &crate::manifest::Manifest)>) {
+    match flags.mode {
+        Mode::Shell => {}
+        Mode::Auto | Mode::Guided => {
+            let Some((dev, m)) = medium else {
+                say("nothing to recover without a recovery medium");
+                return;
+            };
+            let protect = [(dev.to_path_buf(), "holds the recovery medium")];
+            let planned = crate::targets::targets(&[], &protect).and_then(|(targets, warns)| {
+                for w in warns {
+                    say(&format!("warning: {w}"));
+                }
+                let policy = crate::plan::Policy::default();
+                let plan = crate::plan::plan(m, &targets, &flags.map, policy)?;
+                Ok(crate::report::plan_text(m, &targets, &plan))
+            });
+            match planned {
+                Ok(text) => show(&text),
+                Err(e) => say(&format!("no plan: {e:#}")),
+            }
+        }
+    }
+}
