@@ -86,6 +86,14 @@ pub fn disks_in_use() -> HashMap<String, String> {
     busy
 }
 
+/// A USB stick (or disk) carrying the rescue ISO written raw: the system
+/// the operator booted from must survive a mistaken mapping.
+fn rescue_stick(dev: &Path) -> Option<String> {
+    let fs = crate::probe::fs::identify(dev).ok()??;
+    (fs.filesystem == "iso9660" && fs.label == crate::rescue::iso::VOLID)
+        .then(|| "holds the bmr rescue system (ISO written to it)".to_string())
+}
+
 /// Probes the target disks (all, or those named) and marks the protected ones.
 /// `protect` pairs paths whose disks must not be written with the reason.
 pub fn targets(
@@ -107,7 +115,8 @@ pub fn targets(
                 .iter()
                 .find(|(name, _)| *name == i.name)
                 .map(|(_, why)| (*why).to_string())
-                .or_else(|| busy.get(&i.name).cloned());
+                .or_else(|| busy.get(&i.name).cloned())
+                .or_else(|| rescue_stick(Path::new(&i.device)));
             TargetDisk {
                 device: i.device.clone(),
                 name: i.name.clone(),

@@ -329,6 +329,38 @@ fn bad_input_stops_before_writing() {
     );
     drop(mounted);
 
+    // A USB stick with the rescue ISO written to it is the system the
+    // operator booted: never a target, even when named.
+    let stick_img = s.tmp.path().join("stick.img");
+    let iso_dir = s.tmp.path().join("iso");
+    fs::create_dir_all(&iso_dir).unwrap();
+    fs::write(iso_dir.join("hello"), b"rescue").unwrap();
+    run(Command::new("xorriso")
+        .args(["-as", "mkisofs", "-quiet", "-V", "BMR-RESCUE", "-o"])
+        .arg(&stick_img)
+        .arg(&iso_dir));
+    let stick_size = fs::metadata(&stick_img).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&stick_img)
+        .unwrap()
+        .set_len(stick_size.max(300 << 20))
+        .unwrap();
+    let stick = LoopDisk::attach(&stick_img);
+    let before_stick = file_hash(&stick_img);
+    let err = refused(apply(
+        &s,
+        &stick,
+        &["--map", &format!("disk0={}", stick.dev)],
+    ));
+    assert!(err.contains("bmr rescue system"), "{err}");
+    drop(stick);
+    assert_eq!(
+        file_hash(&stick_img),
+        before_stick,
+        "rescue stick untouched"
+    );
+
     // The plan is made, then the disk behind the name changes before apply.
     let plan_file = s.tmp.path().join("plan.json");
     fs::write(
