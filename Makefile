@@ -28,8 +28,19 @@ demo: deps build
 bench: deps build
 	scripts/bench $(BMR) target/bench
 
-iso qemu-test kernel:
-	@echo "make $@: arrives with the rescue, recovery and image issues; see README.md" >&2
+# The rescue ISO (BIOS and UEFI, CD and USB stick) with Debian's kernel.
+ISO := target/bmr-rescue.iso
+iso: deps build
+	kver=$$(scripts/fetch-debian-kernel) && \
+	  $(BMR) mkrescue --kernel target/debian-kernel/boot/vmlinuz-$$kver \
+	    --initramfs target/bmr-rescue.initrd --iso $(ISO)
+
+# Every QEMU scenario in qemu-tests/scenarios, the long ones included.
+qemu-test: deps
+	BMR_QEMU_ALL=1 $(CARGO) test --locked --test qemu -- --nocapture --test-threads=1
+
+kernel:
+	@echo "make kernel: arrives with the minimal recovery kernel; see kernel-config/README.md" >&2
 	@exit 2
 
 clean:

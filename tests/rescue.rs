@@ -5,19 +5,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
-
-const KVER: &str = "6.1.0-56-amd64";
-
-fn debian_kernel() -> Option<PathBuf> {
-    let k = repo()
-        .join("target/debian-kernel/boot")
-        .join(format!("vmlinuz-{KVER}"));
-    k.is_file().then_some(k)
-}
 
 fn chroot(root: &Path, args: &[&str]) -> std::process::Output {
     Command::new("chroot")
@@ -31,13 +22,15 @@ fn chroot(root: &Path, args: &[&str]) -> std::process::Output {
 #[test]
 fn initramfs_carries_a_working_rescue_system() {
     require_root();
-    let kernel = debian_kernel().expect("scripts/fetch-debian-kernel unpacks Debian's kernel");
+    let kernel = common::qemu::DebianKernel::find()
+        .expect("scripts/fetch-debian-kernel unpacks Debian's kernel");
+    let kver = kernel.version.as_str();
     let dir = tempfile::tempdir().unwrap();
     let initrd = dir.path().join("initrd.img");
     let out = ok(bmr()
         .arg("mkrescue")
         .arg("--kernel")
-        .arg(&kernel)
+        .arg(&kernel.vmlinuz)
         .arg("--initramfs")
         .arg(&initrd)
         .output()
@@ -61,9 +54,9 @@ fn initramfs_carries_a_working_rescue_system() {
         "./usr/bin/busybox",
         "./usr/sbin/mkntfs",
         "./usr/sbin/grub-install",
-        &format!("./usr/lib/modules/{KVER}/modules.dep.bin"),
-        &format!("./usr/lib/modules/{KVER}/kernel/drivers/block/virtio_blk.ko"),
-        &format!("./usr/lib/modules/{KVER}/kernel/drivers/block/floppy.ko"),
+        &format!("./usr/lib/modules/{kver}/modules.dep.bin"),
+        &format!("./usr/lib/modules/{kver}/kernel/drivers/block/virtio_blk.ko"),
+        &format!("./usr/lib/modules/{kver}/kernel/drivers/block/floppy.ko"),
     ] {
         assert!(listing.lines().any(|l| l == must), "{must} missing");
     }
@@ -112,13 +105,13 @@ fn initramfs_carries_a_working_rescue_system() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let dry = chroot(&root, &["modprobe", "-n", "-v", "-S", KVER, "virtio_scsi"]);
+    let dry = chroot(&root, &["modprobe", "-n", "-v", "-S", kver, "virtio_scsi"]);
     let text = String::from_utf8_lossy(&dry.stdout);
     assert!(
         text.contains("virtio_scsi.ko") && text.contains("scsi_mod.ko"),
         "modprobe resolves dependencies from the new modules.dep: {text}"
     );
-    let st = chroot(&root, &["modprobe", "-n", "-S", KVER, "st"]);
+    let st = chroot(&root, &["modprobe", "-n", "-S", kver, "st"]);
     assert!(
         !st.status.success(),
         "st must not be loadable from the initramfs"

@@ -2,6 +2,7 @@
 //! loop devices. Every resource is released in Drop, also when a test panics.
 #![allow(clippy::unwrap_used)]
 #![allow(dead_code)]
+pub mod qemu;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
