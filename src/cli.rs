@@ -92,7 +92,7 @@ pub enum Cmd {
         /// Recovery medium (image or device) or manifest.toml written by `bmr save`.
         #[arg(long, value_name = "PATH")]
         medium: PathBuf,
-        /// Directory repository for the images.
+        /// Directory repository, HTTP(S) repository URL, or a tape drive (tape:/dev/nst0: one tape set).
         #[arg(long, value_name = "DIR")]
         to: PathBuf,
         /// zstd level (1-19).
@@ -102,6 +102,9 @@ pub enum Cmd {
         /// Default: freeze where possible, else none with a warning.
         #[arg(long, value_enum)]
         consistency: Option<crate::image::backup::Consistency>,
+        /// Tape record size in KiB.
+        #[arg(long, value_name = "KIB", default_value_t = (crate::image::tape::DEFAULT_RECORD / 1024) as u32)]
+        record_kib: u32,
         #[command(flatten)]
         key: KeyArgs,
     },
@@ -187,7 +190,8 @@ pub enum ImageCmd {
         /// Block device or disk-image file holding the volume (opened read-only).
         #[arg(long, value_name = "DEV")]
         device: PathBuf,
-        /// Image file to write, or a directory repository (existing directory or a path ending in /).
+        /// Image file to write, a directory repository (existing directory or a path ending in /),
+        /// an HTTP(S) repository URL, or a tape drive (tape:/dev/nst0; the tape is written from its start).
         #[arg(long, value_name = "DEST")]
         to: PathBuf,
         /// Store only the chunks that differ from this earlier image of the same volume.
@@ -203,11 +207,15 @@ pub enum ImageCmd {
         /// smaller incrementals, larger ones compress a little better.
         #[arg(long, value_name = "KIB", default_value_t = crate::image::create::DEFAULT_CHUNK / 1024)]
         chunk_kib: u32,
+        /// Tape record size in KiB: large records keep a drive streaming.
+        #[arg(long, value_name = "KIB", default_value_t = (crate::image::tape::DEFAULT_RECORD / 1024) as u32)]
+        record_kib: u32,
         #[command(flatten)]
         key: KeyArgs,
     },
     /// Restore an image onto a partition (grown to fill it), or file by file with --files.
     Restore {
+        /// Image file, URL, or an image on tape: tape:/dev/nst0#NAME (read once, front to back).
         #[arg(long, value_name = "IMAGE")]
         from: PathBuf,
         #[arg(long, value_name = "DEV")]
@@ -392,6 +400,7 @@ pub fn run() -> Result<ExitCode> {
             to,
             level,
             consistency,
+            record_kib,
             key,
         } => {
             let opts = crate::image::backup::BackupOptions {
@@ -400,6 +409,7 @@ pub fn run() -> Result<ExitCode> {
                 secret: key.secret()?,
                 level,
                 consistency,
+                record_kib,
             };
             for d in crate::image::backup::backup(&opts)? {
                 println!(

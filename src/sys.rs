@@ -171,3 +171,65 @@ pub fn first_physical(fd: BorrowedFd<'_>) -> io::Result<Option<u64>> {
         .map_err(io::Error::from)?;
     Ok((map.mapped_extents > 0).then_some(map.extent[1]))
 }
+
+// Magnetic tape through the st driver (<linux/mtio.h>), for image::tape.
+// Neither libc nor nix defines these, so they are spelled out here.
+
+/// struct mtop: one MTIOCTOP operation and its count.
+#[repr(C)]
+pub struct MtOp {
+    pub op: std::os::raw::c_short,
+    pub count: std::os::raw::c_int,
+}
+
+/// struct mtget: what MTIOCGET reports (`long` is 64-bit on x86_64: 48 bytes).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MtGet {
+    pub mt_type: std::os::raw::c_long,
+    pub resid: std::os::raw::c_long,
+    /// Block size in the low 24 bits, density code above.
+    pub dsreg: std::os::raw::c_long,
+    /// GMT_* bits.
+    pub gstat: std::os::raw::c_long,
+    pub erreg: std::os::raw::c_long,
+    pub fileno: std::os::raw::c_int,
+    pub blkno: std::os::raw::c_int,
+}
+
+mod mtio {
+    // MTIOCTOP = _IOW('m', 1, struct mtop), MTIOCGET = _IOR('m', 2, struct mtget)
+    nix::ioctl_write_ptr!(mtioctop, b'm', 1, super::MtOp);
+    nix::ioctl_read!(mtiocget, b'm', 2, super::MtGet);
+}
+
+/// mt_op values.
+pub const MTFSF: i16 = 1;
+pub const MTWEOF: i16 = 5;
+pub const MTREW: i16 = 6;
+pub const MTSETBLK: i16 = 20;
+
+/// mt_gstat bits.
+pub const GMT_BOT: u32 = 0x4000_0000;
+pub const GMT_EOT: u32 = 0x2000_0000;
+pub const GMT_EOD: u32 = 0x0800_0000;
+pub const GMT_WR_PROT: u32 = 0x0400_0000;
+pub const GMT_ONLINE: u32 = 0x0100_0000;
+pub const GMT_DR_OPEN: u32 = 0x0004_0000;
+
+/// Runs one tape operation (MTIOCTOP), e.g. `tape_op(fd, MTREW, 1)`.
+pub fn tape_op(fd: BorrowedFd<'_>, op: i16, count: i32) -> io::Result<()> {
+    let arg = MtOp { op, count };
+    // SAFETY: MTIOCTOP reads one struct mtop through the pointer, which is valid.
+    unsafe { mtio::mtioctop(fd.as_raw_fd(), &arg) }
+        .map(drop)
+        .map_err(io::Error::from)
+}
+
+/// The drive's status (MTIOCGET).
+pub fn tape_status(fd: BorrowedFd<'_>) -> io::Result<MtGet> {
+    let mut status = MtGet::default();
+    // SAFETY: MTIOCGET writes one struct mtget through the pointer, which is valid.
+    unsafe { mtio::mtiocget(fd.as_raw_fd(), &mut status) }.map_err(io::Error::from)?;
+    Ok(status)
+}

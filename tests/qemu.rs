@@ -38,6 +38,26 @@ struct Scenario {
     expect: Vec<String>,
     #[serde(default)]
     reject: Vec<String>,
+    /// Blank disks (300 MiB) after the system disks, on these interfaces.
+    #[serde(default)]
+    blank: Vec<String>,
+    /// Size of the virtual tape in MB.
+    #[serde(default = "default_tape_mb")]
+    tape_mb: u64,
+    /// Typed on the console once `expect` is through, each followed by its own expectations.
+    #[serde(default)]
+    steps: Vec<Step>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Step {
+    send: String,
+    expect: Vec<String>,
+}
+
+fn default_tape_mb() -> u64 {
+    64
 }
 
 struct Fixtures {
@@ -172,10 +192,23 @@ fn interface(name: &str) -> Interface {
     }
 }
 
+/// The rescue shell's prompt (initramfs/rootfs/etc/profile).
+const PROMPT: &str = "bmr-rescue# ";
+
+fn wait_until(vm: &Qemu, deadline: Duration, done: impl Fn(&str) -> bool) -> bool {
+    while vm.elapsed() < deadline && vm.exited().is_none() {
+        if done(&vm.log()) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    done(&vm.log())
+}
+
 /// Runs one scenario on one firmware; Err describes what went wrong.
 fn run(name: &str, s: &Scenario, fw: &str, f: &Fixtures) -> Result<String, String> {
     let dir = tempfile::tempdir_in(repo().join("target")).unwrap();
-    let tgt = s.tape.then(|| Tgt::start(dir.path(), 64));
+    let tgt = s.tape.then(|| Tgt::start(dir.path(), s.tape_mb));
     let mut cfg = QemuConfig::new().memory_mb(1024).firmware(match fw {
         "bios" => Firmware::Bios,
         "uefi" => Firmware::Uefi,
@@ -187,6 +220,11 @@ fn run(name: &str, s: &Scenario, fw: &str, f: &Fixtures) -> Result<String, Strin
                 .serial(&format!("bmr-sys-{i}"))
                 .snapshot(),
         );
+    }
+    for (i, iface) in s.blank.iter().enumerate() {
+        let img = dir.path().join(format!("blank{i}.img"));
+        fs::File::create(&img).unwrap().set_len(300 << 20).unwrap();
+        cfg = cfg.disk(Disk::new(&img, interface(iface)).serial(&format!("bmr-blank-{i}")));
     }
     cfg = match s.boot.as_str() {
         "iso" => {
@@ -216,20 +254,57 @@ fn run(name: &str, s: &Scenario, fw: &str, f: &Fixtures) -> Result<String, Strin
     let deadline = Duration::from_secs(s.timeout);
     let mut ready = None;
     let mut result = Ok(());
-    for want in &s.expect {
-        let want = want
-            .replace("{kernel}", &f.kernel.version)
-            .replace("{foreign_kernel}", &f.foreign);
-        let left = deadline.saturating_sub(vm.elapsed());
-        match vm.wait_for(&want, left) {
-            Ok(t) => {
-                if want.contains("rescue system ready") {
-                    ready = Some(t);
-                }
+    let stages = std::iter::once((None, &s.expect)).chain(
+        s.steps
+            .iter()
+            .map(|st| (Some(st.send.as_str()), &st.expect)),
+    );
+    'stages: for (send, expect) in stages {
+        if let Some(text) = send {
+            let prompts = vm.log().matches(PROMPT).count();
+            vm.send(&format!("{text}\n"));
+            // A command that fails shows the next prompt without its marker:
+            // stop there instead of waiting out the timeout.
+            let done = wait_until(&vm, deadline, |log| {
+                expect.iter().all(|e| log.contains(e.as_str()))
+                    || log.matches(PROMPT).count() > prompts
+            });
+            let log = vm.log();
+            if let Some(missing) = expect.iter().find(|e| !log.contains(e.as_str())) {
+                result = Err(format!(
+                    "\"{text}\" {} without printing \"{missing}\"; console:\n{}",
+                    if done {
+                        "finished"
+                    } else {
+                        "did not finish in time"
+                    },
+                    log.lines()
+                        .rev()
+                        .take(40)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                ));
+                break 'stages;
             }
-            Err(e) => {
-                result = Err(format!("expected \"{want}\": {e}"));
-                break;
+        }
+        for want in expect {
+            let want = want
+                .replace("{kernel}", &f.kernel.version)
+                .replace("{foreign_kernel}", &f.foreign);
+            let left = deadline.saturating_sub(vm.elapsed());
+            match vm.wait_for(&want, left) {
+                Ok(t) => {
+                    if want.contains("rescue system ready") {
+                        ready = Some(t);
+                    }
+                }
+                Err(e) => {
+                    result = Err(format!("expected \"{want}\": {e}"));
+                    break 'stages;
+                }
             }
         }
     }
@@ -282,9 +357,18 @@ fn scenario_files_are_well_formed() {
         for fw in &s.firmware {
             assert!(fw == "bios" || fw == "uefi", "{name}: {fw}");
         }
-        s.disks.iter().for_each(|d| {
+        s.disks.iter().chain(&s.blank).for_each(|d| {
             interface(d);
         });
+        for st in &s.steps {
+            // The console echoes what is typed: a marker must come from the output.
+            for e in &st.expect {
+                assert!(
+                    !st.send.contains(e.as_str()),
+                    "{name}: \"{e}\" is in its own command"
+                );
+            }
+        }
     }
 }
 

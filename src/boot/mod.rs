@@ -18,6 +18,7 @@ use cmdline::{Flags, Mode};
 use pid1::{say, show};
 
 pub const READY: &str = "rescue system ready";
+const PRELOAD: &str = include_str!("../../initramfs/preload.list");
 
 #[derive(Debug, Default, Serialize)]
 pub struct BootReport {
@@ -87,6 +88,7 @@ pub fn init() -> ! {
                 warn(&mut report, &format!("udev coldplug: {e:#}"));
             }
             std::mem::forget(u);
+            udev::preload(&crate::rescue::lines(PRELOAD));
         }
         Err(e) => warn(
             &mut report,

@@ -61,6 +61,16 @@ pub fn coldplug() -> Result<()> {
     settle()
 }
 
+/// Loads modules nothing asks for at boot (filesystems); one that is
+/// missing is only the operator's loss of a shortcut, not an error.
+pub fn preload(modules: &[String]) {
+    let _ = Command::new("modprobe")
+        .args(["-a", "-q"])
+        .args(modules)
+        .stdin(Stdio::null())
+        .status();
+}
+
 pub fn settle() -> Result<()> {
     udevadm(&["settle", "--timeout=60"])
 }

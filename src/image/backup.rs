@@ -28,6 +28,8 @@ pub struct BackupOptions {
     pub secret: Option<Vec<u8>>,
     pub level: i32,
     pub consistency: Option<Consistency>,
+    /// Tape record size, for `tape:` destinations.
+    pub record_kib: u32,
 }
 
 pub struct Done {
@@ -75,6 +77,16 @@ fn locate(m: &Manifest) -> Result<Vec<(String, PathBuf, Option<PathBuf>)>> {
     Ok(out)
 }
 
+fn make(
+    tape: &mut Option<super::on_tape::Writer>,
+    opts: &CreateOptions,
+) -> Result<create::Created> {
+    match tape.as_mut() {
+        Some(t) => t.image(opts),
+        None => create::create(opts),
+    }
+}
+
 /// Runs `f` when dropped.
 struct Guard<F: FnMut()>(F);
 
@@ -96,7 +108,19 @@ fn same_fs(a: &Path, b: &Path) -> bool {
 pub fn backup(o: &BackupOptions) -> Result<Vec<Done>> {
     let mut m = medium::load_manifest(&o.medium)?;
     let remote = super::http::is_url(&o.to.to_string_lossy());
-    if !remote {
+    let volumes = locate(&m)?;
+    // A tape set's directory lists every image before the first is written.
+    let mut tape = match super::on_tape::spec(&o.to) {
+        Some((drive, _)) => {
+            let names: Vec<(String, String)> = volumes
+                .iter()
+                .map(|(id, _, _)| (id.clone(), id.clone()))
+                .collect();
+            Some(super::on_tape::Writer::start(&drive, o.record_kib, &names)?)
+        }
+        None => None,
+    };
+    if tape.is_none() && !remote {
         std::fs::create_dir_all(&o.to).with_context(|| format!("creating {}", o.to.display()))?;
     }
     let stamp = time::OffsetDateTime::now_utc()
@@ -105,7 +129,7 @@ pub fn backup(o: &BackupOptions) -> Result<Vec<Done>> {
         ))
         .unwrap_or_default();
     let mut done = Vec::new();
-    for (id, dev, mounted) in locate(&m)? {
+    for (id, dev, mounted) in volumes {
         let name = format!("{}-{id}-{stamp}", m.system.hostname);
         let opts = CreateOptions {
             device: dev.clone(),
@@ -119,7 +143,7 @@ pub fn backup(o: &BackupOptions) -> Result<Vec<Done>> {
         };
         // Freeze what is mounted, unless the images go onto that same
         // filesystem (for an HTTP repository they are staged in $TMPDIR).
-        let staging = if remote {
+        let staging = if remote || tape.is_some() {
             std::env::temp_dir()
         } else {
             o.to.clone()
@@ -155,7 +179,7 @@ pub fn backup(o: &BackupOptions) -> Result<Vec<Done>> {
                     )
                 })?;
                 let start = Instant::now();
-                let result = create::create(&opts);
+                let result = make(&mut tape, &opts);
                 let thawed = crate::sys::thaw_fs(f.as_fd());
                 let frozen = start.elapsed().as_secs_f64();
                 thawed.with_context(|| {
@@ -172,20 +196,25 @@ pub fn backup(o: &BackupOptions) -> Result<Vec<Done>> {
                     watch: mounted.clone(),
                     ..opts
                 };
-                let c = create::create(&watched)?;
+                let c = make(&mut tape, &watched)?;
                 let how = format!("read while mounted, not frozen: {} files changed meanwhile, listed in the image", c.exceptions.len());
                 (c, how)
             }
-            None => (create::create(&opts)?, "not mounted".to_string()),
+            None => (make(&mut tape, &opts)?, "not mounted".to_string()),
         };
         if let Some(v) = m.volumes.iter_mut().find(|v| v.id == id) {
-            // Relative to the repository, wherever it is mounted or served later.
-            let name = created
-                .path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            v.image = Some(format!("images/{name}"));
+            // Relative to the repository, wherever it is mounted or served
+            // later; on tape, by its name in the tape directory.
+            v.image = Some(if tape.is_some() {
+                format!("tape#{id}")
+            } else {
+                let name = created
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                format!("images/{name}")
+            });
         }
         done.push(Done {
             volume: id,
@@ -196,7 +225,9 @@ pub fn backup(o: &BackupOptions) -> Result<Vec<Done>> {
     }
     let text = m.to_toml().context("serialising the manifest")?;
     let copy = format!("{}.manifest.toml", m.system.hostname);
-    if remote {
+    if let Some(t) = tape.take() {
+        t.finish()?;
+    } else if remote {
         super::http::HttpStore::open(&o.to.to_string_lossy(), false)?
             .put_file(&copy, text.as_bytes())?;
     } else {

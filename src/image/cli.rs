@@ -8,7 +8,7 @@ use serde_json::json;
 use super::create::{self, CreateOptions};
 use super::format::Kind;
 use super::read::Image;
-use super::{files, mount, restore};
+use super::{files, mount, on_tape, restore};
 use crate::cli::ImageCmd;
 use crate::report::size;
 
@@ -37,6 +37,7 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
             level,
             name,
             chunk_kib,
+            record_kib,
             key,
         } => {
             if !(64..=65536).contains(&chunk_kib) || !chunk_kib.is_power_of_two() {
@@ -56,7 +57,26 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
             if let Some(dir) = &o.watch {
                 eprintln!("bmr: {} is mounted read-write at {}: files changed while it is read are logged in the image (bmr backup can freeze it)", o.device.display(), dir.display());
             }
-            let c = create::create(&o)?;
+            let c = match on_tape::spec(&o.to) {
+                Some((drive, named)) => {
+                    let name = o.name.clone().or(named).unwrap_or_else(|| {
+                        o.device
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_else(|| "volume".into())
+                    });
+                    let mut w = on_tape::Writer::start(
+                        &drive,
+                        record_kib,
+                        &[(name.clone(), String::new())],
+                    )?;
+                    let c = w.image(&o)?;
+                    w.finish()?;
+                    println!("tape {}: file 1 holds image {name}", drive.display());
+                    c
+                }
+                None => create::create(&o)?,
+            };
             if let Some(n) = c.uploaded {
                 println!("uploaded {n} new chunks; the server had the others");
             }
@@ -81,6 +101,28 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
             no_grow,
             key,
         } => {
+            if let Some((drive, name)) = on_tape::spec(&from) {
+                if by_files {
+                    anyhow::bail!("--files needs random access to the image; a tape is read front to back: restore the image whole, or copy it from the tape to a file first");
+                }
+                let r = on_tape::restore(
+                    &drive,
+                    name.as_deref(),
+                    &device,
+                    key.secret()?.as_deref(),
+                    !no_grow,
+                )?;
+                println!(
+                    "restored {} onto {}: {} in {:.1} s ({}){}",
+                    from.display(),
+                    device.display(),
+                    size(r.written),
+                    r.seconds,
+                    rate(r.written, r.seconds),
+                    r.grown.map(|g| format!("; {g}")).unwrap_or_default()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             let img = Image::open(&from, key.secret()?.as_deref())?;
             if by_files {
                 let copied = files::restore_files(img, &device)?;
@@ -108,6 +150,15 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
             json: as_json,
             key,
         } => {
+            if let Some((drive, _)) = on_tape::spec(&image) {
+                let d = on_tape::list(&drive)?;
+                if as_json {
+                    println!("{}", serde_json::to_string_pretty(&d)?);
+                } else {
+                    print!("{}", on_tape::directory_text(&drive, &d));
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let img = Image::open(&image, key.secret()?.as_deref())?;
             let count = |k: Kind| img.entries.iter().filter(|e| e.kind == k).count();
             let h = &img.header;

@@ -3,7 +3,7 @@
 //! write the image with its index and trailer.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Seek, Write};
+use std::io::{BufWriter, Write};
 use std::ops::Range;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -287,6 +287,12 @@ fn destination(o: &CreateOptions, volume: &VolumeInfo, dev: &Path) -> Result<Des
 }
 
 pub fn create(o: &CreateOptions) -> Result<Created> {
+    create_into(o, None)
+}
+
+/// Creates the image into `sink` (a tape file) instead of the destination
+/// `o.to` names, when one is given.
+pub fn create_into(o: &CreateOptions, sink: Option<&mut dyn Write>) -> Result<Created> {
     let size = device_size(&o.device)?;
     let fs = crate::probe::fs::identify(&o.device)?;
     let fstype = fs
@@ -337,11 +343,6 @@ pub fn create(o: &CreateOptions) -> Result<Created> {
             );
         }
     }
-    let Destination {
-        path,
-        store,
-        upload,
-    } = destination(o, &volume, &o.device)?;
     let used_bytes: u64 = map.used.iter().map(|r| r.end - r.start).sum();
     let header = Header {
         format: format::FORMAT,
@@ -366,8 +367,26 @@ pub fn create(o: &CreateOptions) -> Result<Created> {
         encryption,
         map_source: map.source.clone(),
         used_bytes,
+        imaged_bytes: {
+            let chunk = u64::from(o.chunk_size);
+            order(&map, chunk)
+                .iter()
+                .map(|(off, _)| chunk.min(map.size - off))
+                .sum()
+        },
     };
 
+    if let Some(w) = sink {
+        let mut c = write_stream(o, &map, &header, w, key.as_ref(), parent.as_ref(), None)?;
+        c.path = o.to.clone();
+        c.used_bytes = used_bytes;
+        return Ok(c);
+    }
+    let Destination {
+        path,
+        store,
+        upload,
+    } = destination(o, &header.volume, &o.device)?;
     let tmp = path.with_file_name(format!(
         ".{}.tmp",
         path.file_name()
@@ -418,7 +437,25 @@ fn write_image(
         .open(tmp)
         .with_context(|| format!("creating {} (is the destination writable?)", tmp.display()))?;
     let mut w = BufWriter::with_capacity(4 << 20, file);
-    let mut pos = format::write_header(&mut w, header)?;
+    let c = write_stream(o, map, header, &mut w, key, parent, store)?;
+    let mut file = w.into_inner().map_err(|e| e.into_error())?;
+    file.flush()?;
+    file.sync_all().context("flushing the image")?;
+    Ok(c)
+}
+
+/// The image as one front-to-back stream (header, records, index, trailer):
+/// what a file and a tape both receive; nothing is ever sought back to.
+pub fn write_stream(
+    o: &CreateOptions,
+    map: &UsedMap,
+    header: &Header,
+    w: &mut dyn Write,
+    key: Option<&Key>,
+    parent: Option<&Image>,
+    store: Option<&dyn ChunkStore>,
+) -> Result<Created> {
+    let mut pos = format::write_header(&mut &mut *w, header)?;
     let chunk = u64::from(o.chunk_size);
     let plan = order(map, chunk);
     let total: u64 = plan.iter().map(|(off, _)| chunk.min(map.size - off)).sum();
@@ -484,7 +521,7 @@ fn write_image(
                 pos: pos + format::record_len(&rec) - rec.payload.len() as u64,
                 stored_len: rec.payload.len() as u32,
             });
-            format::write_record(&mut w, &rec)?;
+            format::write_record(&mut &mut *w, &rec)?;
             pos += format::record_len(&rec);
         }
         progress.add(n);
@@ -492,7 +529,7 @@ fn write_image(
     reader
         .join()
         .map_err(|_| anyhow::anyhow!("the reader thread failed"))?;
-    format::write_end(&mut w)?;
+    format::write_end(&mut &mut *w)?;
     pos += 1;
     entries.sort_by_key(|e| e.offset);
     let exceptions = match &o.watch {
@@ -509,10 +546,7 @@ fn write_image(
         records: entries.len() as u64,
     };
     w.write_all(&format::encode_trailer(&trailer))?;
-    let mut file = w.into_inner().map_err(|e| e.into_error())?;
-    file.flush()?;
-    file.sync_all().context("flushing the image")?;
-    let _ = file.stream_position();
+    w.flush()?;
     c.seconds = progress.finish();
     Ok(c)
 }

@@ -37,6 +37,14 @@ pub struct Header {
     /// What the used-block map was read from.
     pub map_source: String,
     pub used_bytes: u64,
+    /// Bytes of all chunks together (used blocks rounded out to chunks): what
+    /// a restore writes, known before the first record on a tape.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub imaged_bytes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -318,6 +326,43 @@ pub fn decode_index(b: &[u8], volume_size: u64) -> Result<(Vec<Entry>, Vec<Strin
     Ok((out, exceptions))
 }
 
+/// Reads the index and trailer that follow the end-of-records mark on a
+/// sequential medium, where "the last 64 bytes" is not known: the index
+/// says its own length. Bytes after the trailer (tape padding) are left.
+pub fn read_index_stream<R: Read>(r: &mut R) -> Result<(Vec<u8>, Trailer)> {
+    let truncated = || anyhow!("the image is truncated inside its index");
+    let mut index = vec![0u8; 4];
+    r.read_exact(&mut index).map_err(|_| truncated())?;
+    let n = u32::from_le_bytes([index[0], index[1], index[2], index[3]]) as usize;
+    // Grown as bytes arrive, so a damaged count cannot ask for terabytes.
+    let want = (n as u64) * ENTRY_LEN as u64 + 4;
+    let mut entries = Vec::new();
+    r.take(want).read_to_end(&mut entries)?;
+    ensure!(entries.len() as u64 == want, "{}", truncated());
+    let l = entries.len();
+    let log_len = u32::from_le_bytes([
+        entries[l - 4],
+        entries[l - 3],
+        entries[l - 2],
+        entries[l - 1],
+    ]);
+    index.extend_from_slice(&entries);
+    let mut log = Vec::new();
+    r.take(u64::from(log_len)).read_to_end(&mut log)?;
+    ensure!(log.len() == log_len as usize, "{}", truncated());
+    index.extend_from_slice(&log);
+    let mut t = [0u8; TRAILER_LEN];
+    r.read_exact(&mut t)
+        .map_err(|_| anyhow!("the image is truncated: no trailer after the index"))?;
+    let trailer = decode_trailer(&t)?;
+    ensure!(
+        trailer.index_len == index.len() as u64
+            && blake3::hash(&index).as_bytes() == &trailer.index_hash,
+        "the image index is damaged (checksum mismatch)"
+    );
+    Ok((index, trailer))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Trailer {
     pub index_pos: u64,
@@ -379,6 +424,7 @@ mod tests {
             encryption: None,
             map_source: "test".into(),
             used_bytes: 5,
+            imaged_bytes: 1 << 20,
         }
     }
 

@@ -28,6 +28,56 @@ pub struct Image {
     _download: Option<tempfile::TempDir>,
 }
 
+/// The key an image's header asks for: a wrong one is refused here, from
+/// the header's key check, before anything is written.
+pub fn key_for(header: &Header, secret: Option<&[u8]>, what: &str) -> Result<Option<Key>> {
+    match (&header.encryption, secret) {
+        (None, _) => Ok(None),
+        (Some(p), Some(s)) => Ok(Some(crypto::open(s, p).with_context(|| what.to_string())?)),
+        (Some(_), None) => bail!("{what} is encrypted: give --key-file or --passphrase-env"),
+    }
+}
+
+/// A stored chunk's plain bytes: decrypted, decompressed and checked
+/// against its id. `at` names the chunk in errors.
+pub fn decode(
+    key: Option<&Key>,
+    raw_len: u32,
+    id: &[u8; 32],
+    flags: u8,
+    payload: Vec<u8>,
+    at: &str,
+) -> Result<Vec<u8>> {
+    let plain = if flags & FLAG_ENCRYPTED != 0 {
+        let key = key.ok_or_else(|| anyhow!("{at}: encrypted, but no key"))?;
+        key.open(id, &payload).with_context(|| at.to_string())?
+    } else {
+        payload
+    };
+    let raw = if flags & FLAG_COMPRESSED != 0 {
+        let mut out = Vec::with_capacity(raw_len as usize);
+        zstd::stream::read::Decoder::new(&plain[..])
+            .with_context(|| at.to_string())?
+            .take(u64::from(raw_len) + 1)
+            .read_to_end(&mut out)
+            .with_context(|| format!("{at}: does not decompress"))?;
+        out
+    } else {
+        plain
+    };
+    ensure!(
+        raw.len() == raw_len as usize,
+        "{at}: {} bytes instead of {raw_len}: damaged",
+        raw.len()
+    );
+    let got = match key {
+        Some(k) => k.chunk_id(&raw),
+        None => *blake3::hash(&raw).as_bytes(),
+    };
+    ensure!(got == *id, "{at}: content does not match its hash: damaged");
+    Ok(raw)
+}
+
 impl Image {
     /// Opens `path` and its parent chain. A missing or wrong parent, a wrong
     /// key or a damaged index is an error here, before anything is written.
@@ -88,16 +138,7 @@ impl Image {
                 e.offset
             );
         }
-        let key = match (&header.encryption, secret) {
-            (None, _) => None,
-            (Some(p), Some(s)) => {
-                Some(crypto::open(s, p).with_context(|| format!("{}", path.display()))?)
-            }
-            (Some(_), None) => bail!(
-                "{} is encrypted: give --key-file or --passphrase-env",
-                path.display()
-            ),
-        };
+        let key = key_for(&header, secret, &path.display().to_string())?;
         let store = match (entries.iter().any(|e| e.kind == Kind::External), url) {
             (false, _) => None,
             (true, Some(u)) => Some(Store::Http(HttpStore::of_image(u)?)),
@@ -199,50 +240,12 @@ impl Image {
     }
 
     fn decode(&self, e: &Entry, flags: u8, payload: Vec<u8>) -> Result<Vec<u8>> {
-        let at = || {
-            format!(
-                "chunk at volume offset {} ({})",
-                e.offset,
-                self.path.display()
-            )
-        };
-        let plain = if flags & FLAG_ENCRYPTED != 0 {
-            let key = self
-                .key
-                .as_ref()
-                .ok_or_else(|| anyhow!("{}: encrypted, but no key", at()))?;
-            key.open(&e.id, &payload).with_context(at)?
-        } else {
-            payload
-        };
-        let raw = if flags & FLAG_COMPRESSED != 0 {
-            let mut out = Vec::with_capacity(e.raw_len as usize);
-            zstd::stream::read::Decoder::new(&plain[..])
-                .with_context(at)?
-                .take(u64::from(e.raw_len) + 1)
-                .read_to_end(&mut out)
-                .with_context(|| format!("{}: does not decompress", at()))?;
-            out
-        } else {
-            plain
-        };
-        ensure!(
-            raw.len() == e.raw_len as usize,
-            "{}: {} bytes instead of {}: damaged",
-            at(),
-            raw.len(),
-            e.raw_len
+        let at = format!(
+            "chunk at volume offset {} ({})",
+            e.offset,
+            self.path.display()
         );
-        let id = match &self.key {
-            Some(k) => k.chunk_id(&raw),
-            None => *blake3::hash(&raw).as_bytes(),
-        };
-        ensure!(
-            id == e.id,
-            "{}: content does not match its hash: damaged",
-            at()
-        );
-        Ok(raw)
+        decode(self.key.as_ref(), e.raw_len, &e.id, flags, payload, &at)
     }
 
     /// Bytes stored in this image file for chunks (not counting parents or repository).

@@ -44,8 +44,33 @@ impl Bounded {
             .write_all_at(data, offset)
             .with_context(|| format!("writing at {offset}"))
     }
+
+    pub fn sync(&self) -> Result<()> {
+        Ok(self.file.sync_all()?)
+    }
 }
 
+/// The restore target, checked unused and big enough, opened for writing
+/// within its own size; returns it with that size.
+pub fn open_target(dev: &Path, vol: &super::format::VolumeInfo) -> Result<(Bounded, u64)> {
+    ensure_unused(dev)?;
+    let target = device_size(dev)?;
+    if target < vol.size_bytes {
+        bail!(
+            "{} ({}) is smaller than the filesystem in the image ({}); restore file by file with --files onto a partition of at least the used size",
+            dev.display(),
+            size(target),
+            size(vol.size_bytes)
+        );
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .open(dev)
+        .with_context(|| format!("opening {} for writing", dev.display()))?;
+    Ok((Bounded::new(file, target), target))
+}
+
+#[derive(Debug)]
 pub struct Restored {
     pub written: u64,
     pub seconds: f64,
@@ -78,24 +103,8 @@ pub fn ensure_unused(dev: &Path) -> Result<()> {
 }
 
 pub fn restore(img: &Image, dev: &Path, grow: bool) -> Result<Restored> {
-    ensure_unused(dev)?;
     let vol = &img.header.volume;
-    let target = device_size(dev)?;
-    if target < vol.size_bytes {
-        bail!(
-            "{} ({}) is smaller than the filesystem in the image ({}); restore file by file with --files onto a partition of at least the used size",
-            dev.display(),
-            size(target),
-            size(vol.size_bytes)
-        );
-    }
-    let out = Bounded::new(
-        OpenOptions::new()
-            .write(true)
-            .open(dev)
-            .with_context(|| format!("opening {} for writing", dev.display()))?,
-        target,
-    );
+    let (out, target) = open_target(dev, vol)?;
     let mut entries: Vec<&Entry> = img.entries.iter().collect();
     entries.sort_by_key(|e| e.offset);
     // Boot sector / superblock last: until everything else is in, the target does not look like a filesystem.

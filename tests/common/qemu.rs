@@ -599,9 +599,15 @@ impl<'t> QemuConfig<'t> {
         push(&["-m", &self.memory_mb.to_string()]);
         push(&["-smp", &self.cpus.to_string()]);
         push(&["-display", "none", "-no-reboot", "-monitor", "none"]);
+        // A socket that keeps a log of everything: tests read the log and
+        // can type into the console (`Qemu::send`) through the socket.
         push(&[
             "-chardev",
-            &format!("file,id=serial0,path={}", opt(serial_log)),
+            &format!(
+                "socket,id=serial0,path={},server=on,wait=off,logfile={}",
+                opt(&serial_socket(serial_log)),
+                opt(serial_log)
+            ),
             "-serial",
             "chardev:serial0",
         ]);
@@ -717,7 +723,13 @@ pub fn ovmf_files() -> (PathBuf, PathBuf) {
 }
 
 /// A running QEMU. Drop stops it (SIGTERM, SIGKILL after 5 s) and reaps it.
+/// The console socket beside the serial log.
+fn serial_socket(serial_log: &Path) -> PathBuf {
+    serial_log.with_extension("sock")
+}
+
 pub struct Qemu<'t> {
+    console: Mutex<Option<std::os::unix::net::UnixStream>>,
     child: Mutex<Child>,
     pid: u32,
     started: Instant,
@@ -750,6 +762,7 @@ impl<'t> Qemu<'t> {
             .spawn()
             .unwrap_or_else(|e| panic!("starting {QEMU}: {e}"));
         Qemu {
+            console: Mutex::new(None),
             pid: child.id(),
             child: Mutex::new(child),
             started,
@@ -850,6 +863,30 @@ impl<'t> Qemu<'t> {
             self.stderr(),
             self.args.join(" ")
         )
+    }
+}
+
+impl Qemu<'_> {
+    /// Types `text` on the serial console. The first call connects; a
+    /// thread drains what the console sends back (it is in the log), so the
+    /// guest's serial port never stalls on a full socket.
+    pub fn send(&self, text: &str) {
+        use std::io::Write;
+        let mut guard = self.console.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            let sock = serial_socket(&self.serial_log);
+            let stream = std::os::unix::net::UnixStream::connect(&sock)
+                .unwrap_or_else(|e| panic!("connecting to {}: {e}", sock.display()));
+            let mut drain = stream.try_clone().expect("cloning the console socket");
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut drain, &mut std::io::sink());
+            });
+            *guard = Some(stream);
+        }
+        if let Some(s) = guard.as_mut() {
+            s.write_all(text.as_bytes())
+                .expect("typing on the serial console");
+        }
     }
 }
 
