@@ -13,6 +13,8 @@ pub struct Progress {
     start: Instant,
     tty: bool,
     last_tenth: u64,
+    /// A live line is on the terminal and not yet ended.
+    open: bool,
 }
 
 impl Progress {
@@ -24,6 +26,7 @@ impl Progress {
             start: Instant::now(),
             tty: std::io::stderr().is_terminal(),
             last_tenth: 0,
+            open: false,
         }
     }
 
@@ -52,16 +55,28 @@ impl Progress {
         if self.tty {
             eprint!("\r{line}\x1b[K");
             let _ = std::io::stderr().flush();
+            self.open = true;
         } else if pct / 10 > self.last_tenth {
             self.last_tenth = pct / 10;
             eprintln!("{line}");
         }
     }
 
-    pub fn finish(&self) -> f64 {
+    pub fn finish(&mut self) -> f64 {
         if self.tty {
             eprintln!();
+            self.open = false;
         }
         self.start.elapsed().as_secs_f64()
+    }
+}
+
+/// Work that stops with an error must not leave its error message glued to
+/// the end of the live line.
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if self.open {
+            eprintln!();
+        }
     }
 }
