@@ -18,8 +18,48 @@ struct Nginx {
     log: PathBuf,
 }
 
+/// A private CA and a certificate for 127.0.0.1 signed by it, made with
+/// openssl: (CA certificate, server certificate, server key).
+fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    fs::create_dir_all(dir).unwrap();
+    let (ca, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let (crt, key, csr) = (
+        dir.join("server.pem"),
+        dir.join("server.key"),
+        dir.join("server.csr"),
+    );
+    let ext = dir.join("ext.cnf");
+    fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    sh(&format!(
+        "cd {d} && openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=bmr-test-ca -keyout {ck} -out {ca} 2>/dev/null \
+         && openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout {k} -out {csr} 2>/dev/null \
+         && openssl x509 -req -in {csr} -CA {ca} -CAkey {ck} -CAcreateserial -days 2 -extfile {ext} -out {crt} 2>/dev/null",
+        d = dir.display(),
+        ck = ca_key.display(),
+        ca = ca.display(),
+        k = key.display(),
+        csr = csr.display(),
+        ext = ext.display(),
+        crt = crt.display()
+    ));
+    (ca, crt, key)
+}
+
 impl Nginx {
     fn start(dir: &Path) -> Nginx {
+        Nginx::start_with(dir, None)
+    }
+
+    /// HTTPS with the given certificate and key.
+    fn start_tls(dir: &Path, cert: &Path, key: &Path) -> Nginx {
+        Nginx::start_with(dir, Some((cert, key)))
+    }
+
+    fn start_with(dir: &Path, tls: Option<(&Path, &Path)>) -> Nginx {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -38,13 +78,21 @@ impl Nginx {
                  http {{
                    access_log {log}; client_body_temp_path {d}/body; client_max_body_size 0;
                    server {{
-                     listen 127.0.0.1:{port}; root {www};
+                     listen 127.0.0.1:{port}{ssl}; root {www}; {certs}
                      location / {{ dav_methods PUT; create_full_put_path on; dav_access user:rw; autoindex on; autoindex_format json; }}
                    }}
                  }}",
                 d = dir.display(),
                 log = log.display(),
-                www = www.display()
+                www = www.display(),
+                ssl = if tls.is_some() { " ssl" } else { "" },
+                certs = tls
+                    .map(|(c, k)| format!(
+                        "ssl_certificate {}; ssl_certificate_key {};",
+                        c.display(),
+                        k.display()
+                    ))
+                    .unwrap_or_default()
             ),
         )
         .unwrap();
@@ -64,7 +112,10 @@ impl Nginx {
         }
         Nginx {
             child,
-            url: format!("http://127.0.0.1:{port}/repo"),
+            url: format!(
+                "{}://127.0.0.1:{port}/repo",
+                if tls.is_some() { "https" } else { "http" }
+            ),
             log,
         }
     }
@@ -203,4 +254,54 @@ fn second_backup_sends_only_new_chunks_and_restores_over_http() {
         !out.status.success() && err.contains("cannot reach") && !err.contains("s3cret"),
         "{err}"
     );
+}
+
+#[test]
+fn https_is_verified_against_the_trusted_cas() {
+    require_root();
+    let _turn = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = tls_files(&tmp.path().join("tls"));
+    let server = Nginx::start_tls(&tmp.path().join("nginx"), &cert, &key);
+    let vol = tmp.path().join("vol.img");
+    fs::File::create(&vol).unwrap().set_len(32 << 20).unwrap();
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "tls"])
+        .arg(&vol));
+    let repo = format!("{}/", server.url);
+    assert!(repo.starts_with("https://"));
+
+    // The system's CAs do not know this server: refused, nothing sent.
+    let out = bmr()
+        .args(["image", "create", "--name", "one", "--device"])
+        .arg(&vol)
+        .args(["--to", &repo])
+        .env("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an unknown issuer must be refused");
+    assert!(
+        err.contains("UnknownIssuer") && err.contains("SSL_CERT_FILE"),
+        "the cause and the way out are named: {err}"
+    );
+    assert_eq!(
+        server.chunk_puts(),
+        0,
+        "nothing sent before TLS is verified"
+    );
+
+    // Trusting the CA that signed it (SSL_CERT_FILE, as OpenSSL tools do): the image goes up and verifies.
+    let out = stdout(
+        bmr()
+            .args(["image", "create", "--name", "one", "--device"])
+            .arg(&vol)
+            .args(["--to", &repo])
+            .env("SSL_CERT_FILE", &ca),
+    );
+    assert!(server.chunk_puts() >= 1, "{out}");
+    let image = format!("{}/images/one.bmri", server.url);
+    run(bmr()
+        .args(["image", "verify", &image])
+        .env("SSL_CERT_FILE", &ca));
 }

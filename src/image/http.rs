@@ -42,12 +42,29 @@ fn status_error(url: &str, e: ureq::Error) -> anyhow::Error {
             anyhow!("{} answered {code} {}", redact(url), r.status_text())
         }
         // Not `{t}`: its Display repeats the URL, credentials included.
-        ureq::Error::Transport(t) => anyhow!(
-            "cannot reach {}: {}{}",
-            redact(url),
-            t.kind(),
-            t.message().map(|m| format!(": {m}")).unwrap_or_default()
-        ),
+        ureq::Error::Transport(t) => {
+            // The cause (e.g. rustls's "invalid peer certificate: UnknownIssuer")
+            // is what tells the operator to fix trust, not the network.
+            let mut causes = Vec::new();
+            let mut next = std::error::Error::source(&t);
+            while let Some(c) = next {
+                causes.push(redact(&c.to_string()));
+                next = c.source();
+            }
+            let tls = causes.iter().any(|c| c.contains("certificate"));
+            anyhow!(
+                "cannot reach {}: {}{}{}{}",
+                redact(url),
+                t.kind(),
+                t.message().map(|m| format!(": {m}")).unwrap_or_default(),
+                causes.iter().map(|c| format!(": {c}")).collect::<String>(),
+                if tls {
+                    " (the server's TLS certificate is not trusted: add its CA to the system's store, or name a PEM file of trusted CAs in SSL_CERT_FILE)"
+                } else {
+                    ""
+                }
+            )
+        }
     }
 }
 
