@@ -30,6 +30,9 @@ struct Scenario {
     append: String,
     /// none | st | foreign-st
     medium: String,
+    /// Where the medium is: floppy (default) or usb (a stick on xHCI).
+    #[serde(default)]
+    medium_on: Option<String>,
     #[serde(default)]
     tape: bool,
     /// Interfaces of the system disks: virtio, sata, nvme, scsi.
@@ -188,6 +191,7 @@ fn interface(name: &str) -> Interface {
         "sata" => Interface::Sata,
         "nvme" => Interface::Nvme,
         "scsi" => Interface::Scsi,
+        "usb" => Interface::Usb,
         other => panic!("unknown disk interface {other}"),
     }
 }
@@ -241,11 +245,19 @@ fn run(name: &str, s: &Scenario, fw: &str, f: &Fixtures) -> Result<String, Strin
         ),
         other => panic!("{name}: unknown boot {other}"),
     };
-    match s.medium.as_str() {
-        "none" => {}
-        "st" => cfg = cfg.floppy(&f.medium_st),
-        "foreign-st" => cfg = cfg.floppy(&f.medium_foreign),
+    let medium = match s.medium.as_str() {
+        "none" => None,
+        "st" => Some(&f.medium_st),
+        "foreign-st" => Some(&f.medium_foreign),
         other => panic!("{name}: unknown medium {other}"),
+    };
+    if let Some(m) = medium {
+        cfg = match s.medium_on.as_deref().unwrap_or("floppy") {
+            "floppy" => cfg.floppy(m),
+            // Never written: the fixture serves every scenario.
+            "usb" => cfg.disk(Disk::new(m, Interface::Usb).serial("bmr-stick").snapshot()),
+            other => panic!("{name}: unknown medium_on {other}"),
+        };
     }
     if let Some(t) = &tgt {
         cfg = cfg.tape(t);

@@ -77,7 +77,8 @@ pub fn saved_parts(m: &Manifest, s: usize) -> Vec<&Partition> {
 }
 
 /// The least a saved disk's partitions need: each volume's minimum, other
-/// partitions as they were.
+/// partitions as they were. Comparable with `usable_bytes`, which already
+/// leaves out the leading gap and the backup GPT.
 pub fn demand(m: &Manifest, s: usize) -> u64 {
     saved_parts(m, s)
         .iter()
@@ -88,19 +89,26 @@ pub fn demand(m: &Manifest, s: usize) -> u64 {
                     .and_then(|v| m.volume(v))
                     .map_or(p.size_bytes, |v| v.min_size_bytes),
                 MIB,
-            )
+            ) + ebr_gap(p)
         })
         .sum::<u64>()
-        + MIB
 }
 
 /// What a saved disk's partitions took.
 pub fn ideal(m: &Manifest, s: usize) -> u64 {
     saved_parts(m, s)
         .iter()
-        .map(|p| round_up(p.size_bytes, MIB))
+        .map(|p| round_up(p.size_bytes, MIB) + ebr_gap(p))
         .sum::<u64>()
-        + MIB
+}
+
+/// A logical partition's EBR takes an alignment step before it.
+fn ebr_gap(p: &Partition) -> u64 {
+    if p.mbr_kind == Some(MbrKind::Logical) {
+        MIB
+    } else {
+        0
+    }
 }
 
 fn gpt_type_for_mbr(t: u8) -> Uuid {

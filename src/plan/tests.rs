@@ -2495,3 +2495,27 @@ fn saved_disk_without_partitions_writes_no_target() {
         p.targets
     );
 }
+
+#[test]
+fn a_disk_of_the_saved_size_holds_the_whole_saved_layout() {
+    // Partitions from 1 MiB to 255 MiB of a 256 MiB GPT disk: the backup
+    // GPT sits in the last MiB, as on the disk that was saved.
+    let m = build(
+        Firmware::Uefi,
+        &[disk(
+            "disk0",
+            TableType::Gpt,
+            256 * MIB,
+            vec![
+                vs("esp", Role::Esp, "vfat", 32 * MIB, 32 * MIB),
+                vs("root", Role::System, "ext4", 160 * MIB, 64 * MIB),
+                vs("data", Role::Data, "ext4", 62 * MIB, 16 * MIB),
+            ],
+        )],
+    );
+    let p = ok(&m, &[target("sda", 256 * MIB)], &[], Policy::default());
+    assert_contains(&mapped(&p, "disk0").reason, "holds the whole saved layout");
+    for v in &p.volumes {
+        assert_eq!(v.size_bytes, v.saved_size_bytes, "{}", v.id);
+    }
+}

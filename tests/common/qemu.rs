@@ -431,6 +431,8 @@ pub enum Interface {
     Nvme,
     /// scsi-hd on the virtio-scsi controller the tape shares: /dev/sdX.
     Scsi,
+    /// A USB stick: usb-storage on an xHCI controller, /dev/sdX through usb-storage.
+    Usb,
 }
 
 #[derive(Clone, Debug)]
@@ -655,6 +657,9 @@ impl<'t> QemuConfig<'t> {
         if self.disks.iter().any(|d| d.interface == Interface::Sata) {
             push(&["-device", "ahci,id=ahci0"]);
         }
+        if self.disks.iter().any(|d| d.interface == Interface::Usb) {
+            push(&["-device", "qemu-xhci,id=xhci0"]);
+        }
         let mut sata_port = 0;
         for (i, d) in self.disks.iter().enumerate() {
             let id = format!("disk{i}");
@@ -679,6 +684,7 @@ impl<'t> QemuConfig<'t> {
                     d.serial.clone().unwrap_or_else(|| format!("BMRNVME{i}"))
                 ),
                 Interface::Scsi => format!("scsi-hd,drive={id},bus=scsi0.0"),
+                Interface::Usb => format!("usb-storage,drive={id},bus=xhci0.0,removable=on"),
             };
             if let (Some(serial), false) = (&d.serial, d.interface == Interface::Nvme) {
                 dev.push_str(&format!(",serial={serial}"));
