@@ -120,6 +120,31 @@ pub enum Cmd {
     },
     /// Build the rescue initramfs and the hybrid ISO (BIOS and UEFI, CD and USB stick).
     Mkrescue(crate::rescue::cli::Args),
+    /// Phase one of an unattended recovery: plan, write the disks named with --wipe,
+    /// restore the boot and system volumes from --source (what bmr.mode=auto runs).
+    Recover {
+        /// Recovery medium (image or device) or manifest.toml.
+        #[arg(long, value_name = "PATH")]
+        medium: PathBuf,
+        /// Where the images are: tape:/dev/nst0, file:DIR (a bmr backup repository) or an http(s):// URL.
+        #[arg(long, value_name = "SOURCE")]
+        source: String,
+        /// Disks recovery may overwrite (every disk the plan writes, or `all`); without it nothing is written.
+        #[arg(long, value_name = "DEV", value_delimiter = ',')]
+        wipe: Vec<String>,
+        /// Put a saved disk on a given target: disk0=/dev/vdb (repeatable).
+        #[arg(long = "map", value_name = "SAVED=DEV", value_parser = parse_map, value_delimiter = ',')]
+        map: Vec<(String, String)>,
+        /// Journal of the steps done, so an interrupted run resumes.
+        #[arg(
+            long,
+            value_name = "FILE",
+            default_value = "/run/bmr/apply-journal.json"
+        )]
+        journal: PathBuf,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
 }
 
 /// What a plan is made from: the same flags for `plan`, `apply` and (later) recovery.
@@ -429,6 +454,27 @@ pub fn run() -> Result<ExitCode> {
         }
         Cmd::Manifest { action } => return manifest_cmd(action),
         Cmd::Mkrescue(args) => crate::rescue::cli::run(&args)?,
+        Cmd::Recover {
+            medium: medium_path,
+            source,
+            wipe,
+            map,
+            journal,
+            key,
+        } => {
+            let m = medium::load_manifest(&medium_path)?;
+            crate::recover::phase_one(
+                &m,
+                &crate::recover::Options {
+                    medium: &medium_path,
+                    source: Some(&source),
+                    wipe: &wipe,
+                    map: &map,
+                    secret: key.secret()?,
+                    journal,
+                },
+            )?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -10,6 +10,7 @@ mod manifest;
 mod medium;
 mod plan;
 mod probe;
+mod recover;
 mod report;
 mod rescue;
 mod sys;

@@ -44,6 +44,9 @@ struct Scenario {
     /// Blank disks (300 MiB) after the system disks, on these interfaces.
     #[serde(default)]
     blank: Vec<String>,
+    /// The blank disks must still be all zeros afterwards.
+    #[serde(default)]
+    blank_untouched: bool,
     /// Size of the virtual tape in MB.
     #[serde(default = "default_tape_mb")]
     tape_mb: u64,
@@ -330,6 +333,17 @@ fn run(name: &str, s: &Scenario, fw: &str, f: &Fixtures) -> Result<String, Strin
     fs::create_dir_all(&keep).unwrap();
     fs::write(keep.join(format!("{name}-{fw}.log")), &log).unwrap();
     result?;
+    if s.blank_untouched {
+        for i in 0..s.blank.len() {
+            let img = dir.path().join(format!("blank{i}.img"));
+            let data = fs::read(&img).unwrap();
+            if let Some(at) = data.iter().position(|&b| b != 0) {
+                return Err(format!(
+                    "blank disk {i} was written (first non-zero byte at {at})"
+                ));
+            }
+        }
+    }
     for bad in &s.reject {
         if let Some(line) = log.lines().find(|l| l.contains(bad.as_str())) {
             return Err(format!("rejected \"{bad}\" seen: {line}"));

@@ -326,7 +326,39 @@ fn write_report(r: &BootReport) -> anyhow::Result<()> {
 fn hand_over(flags: &Flags, medium: Option<(&Path, &crate::manifest::Manifest)>) {
     match flags.mode {
         Mode::Shell => {}
-        Mode::Auto | Mode::Guided => {
+        Mode::Auto => {
+            let Some((dev, m)) = medium else {
+                say("unattended recovery refused: no recovery medium; nothing was written");
+                return;
+            };
+            let secret = match &flags.key {
+                Some(k) => match std::fs::read(k) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        say(&format!("unattended recovery refused: cannot read bmr.key={}: {e}; nothing was written", k.display()));
+                        return;
+                    }
+                },
+                None => None,
+            };
+            say("unattended recovery: phase one");
+            let result = crate::recover::phase_one(
+                m,
+                &crate::recover::Options {
+                    medium: dev,
+                    source: flags.source.as_deref(),
+                    wipe: &flags.wipe,
+                    map: &flags.map,
+                    secret,
+                    journal: Path::new(pid1::LOG_DIR).join("apply-journal.json"),
+                },
+            );
+            match result {
+                Ok(()) => say("unattended recovery: phase one finished"),
+                Err(e) => say(&format!("unattended recovery stopped: {e:#}")),
+            }
+        }
+        Mode::Guided => {
             let Some((dev, m)) = medium else {
                 say("nothing to recover without a recovery medium");
                 return;

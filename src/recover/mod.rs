@@ -1,0 +1,266 @@
+//! Phase one of a recovery, unattended: plan, the operator's consent given
+//! in advance (`bmr.wipe=` / `--wipe`), partition tables and filesystems,
+//! then the boot and system volumes restored from the backup source, boot
+//! critical first. Phase two (data volumes, hardware adaptation, the boot
+//! loader) is not here yet: what is left for it is reported.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::manifest::Manifest;
+use crate::plan::{Action, Plan, Policy};
+
+/// Where the images are, as `bmr.source=` / `--source` name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Tape(PathBuf),
+    /// A repository directory (the one `bmr backup --to DIR` wrote).
+    Dir(PathBuf),
+    /// An HTTP(S) repository.
+    Url(String),
+}
+
+pub fn source(s: &str) -> Result<Source> {
+    if let Some(d) = s.strip_prefix("tape:") {
+        Ok(Source::Tape(PathBuf::from(d)))
+    } else if let Some(d) = s.strip_prefix("file:") {
+        Ok(Source::Dir(PathBuf::from(d)))
+    } else if s.starts_with("http://") || s.starts_with("https://") {
+        Ok(Source::Url(s.trim_end_matches('/').to_string()))
+    } else {
+        bail!("\"{s}\" is not tape:DEV, file:DIR or an http(s):// URL")
+    }
+}
+
+/// Unattended work destroys disks only when told to beforehand: every disk
+/// the plan writes must be named (or `all`), and the plan must not have
+/// guessed. Err says why not, for the console and the boot report.
+pub fn consent(wipe: &[String], plan: &Plan) -> Result<(), String> {
+    let targets = plan.target_devices();
+    if plan.is_ambiguous() {
+        return Err(format!(
+            "the plan had to choose between equally suitable disks ({}); name the mapping with bmr.target= (--map)",
+            plan.warnings.join("; ")
+        ));
+    }
+    if wipe.is_empty() {
+        return Err(format!(
+            "it would overwrite {}; allow that with bmr.wipe={} (or bmr.wipe=all) on the kernel command line (--wipe)",
+            targets.join(", "),
+            targets.join(",")
+        ));
+    }
+    if wipe.iter().any(|w| w == "all") {
+        return Ok(());
+    }
+    let unnamed: Vec<&str> = targets
+        .iter()
+        .copied()
+        .filter(|t| !wipe.iter().any(|w| w == t))
+        .collect();
+    if !unnamed.is_empty() {
+        return Err(format!(
+            "it would overwrite {}, which bmr.wipe= does not name",
+            unnamed.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// The image of a volume in `src`, from the name `bmr backup` recorded.
+fn image_of(src: &Source, recorded: Option<&str>, volume: &str) -> Result<String> {
+    let recorded = recorded.with_context(|| {
+        format!("the manifest records no image for volume {volume}: run bmr backup before a recovery needs it")
+    })?;
+    Ok(match src {
+        Source::Tape(dev) => format!(
+            "tape:{}#{}",
+            dev.display(),
+            recorded.strip_prefix("tape#").unwrap_or(volume)
+        ),
+        Source::Dir(d) => d.join(recorded).display().to_string(),
+        Source::Url(u) => format!("{u}/{recorded}"),
+    })
+}
+
+pub struct Options<'a> {
+    pub medium: &'a Path,
+    pub source: Option<&'a str>,
+    pub wipe: &'a [String],
+    pub map: &'a [(String, String)],
+    pub secret: Option<Vec<u8>>,
+    pub journal: PathBuf,
+}
+
+/// Runs phase one; prints each step. Refuses before any write without consent.
+pub fn phase_one(m: &Manifest, o: &Options) -> Result<()> {
+    let src = match o.source {
+        Some(s) => source(s)?,
+        None => bail!("no backup source: give bmr.source= (tape:/dev/nst0, file:DIR or an http(s):// URL); nothing was written"),
+    };
+    let protect = [(o.medium.to_path_buf(), "holds the recovery medium")];
+    let (targets, warnings) = crate::targets::targets(&[], &protect)?;
+    for w in warnings {
+        println!("warning: {w}");
+    }
+    let plan = crate::plan::plan(m, &targets, o.map, Policy::default())?;
+    print!("{}", crate::report::plan_text(m, &targets, &plan));
+    if let Err(why) = consent(o.wipe, &plan) {
+        bail!("unattended recovery refused: {why}; nothing was written");
+    }
+    let critical: Vec<_> = plan
+        .volumes
+        .iter()
+        .filter(|v| v.role.is_critical())
+        .collect();
+    // Every image is found before the first disk is touched.
+    let mut work = Vec::new();
+    for v in &critical {
+        let vol = m.volume(&v.id);
+        match v.action {
+            Action::RestoreImage | Action::RestoreFiles => {
+                let img = image_of(&src, vol.and_then(|x| x.image.as_deref()), &v.id)?;
+                if v.action == Action::RestoreFiles && matches!(src, Source::Tape(_)) {
+                    bail!("volume {} must be restored file by file (its partition is smaller than the filesystem), which a tape cannot serve; use a larger disk or a file/HTTP source; nothing was written", v.id);
+                }
+                work.push((v, img));
+            }
+            _ => {}
+        }
+    }
+    let protected = crate::targets::disk_holding(o.medium)
+        .map(|d| (d, "holds the recovery medium".to_string()))
+        .into_iter()
+        .collect();
+    crate::apply::apply(
+        m,
+        &plan,
+        &crate::apply::Options {
+            keep_on_error: false,
+            journal: o.journal.clone(),
+            protected,
+        },
+    )?;
+    println!(
+        "partition tables written: {}",
+        plan.target_devices().join(", ")
+    );
+    for (v, img) in &work {
+        let dev = Path::new(&v.target_device);
+        println!(
+            "restoring {} ({:?}) from {img} onto {}",
+            v.id,
+            v.role,
+            dev.display()
+        );
+        restore_one(img, dev, v.action, o.secret.as_deref())
+            .with_context(|| format!("restoring volume {} onto {}", v.id, dev.display()))?;
+    }
+    let later: Vec<&str> = plan
+        .volumes
+        .iter()
+        .filter(|v| {
+            !v.role.is_critical() && matches!(v.action, Action::RestoreImage | Action::RestoreFiles)
+        })
+        .map(|v| v.id.as_str())
+        .collect();
+    println!(
+        "phase one done: {} restored{}",
+        work.iter()
+            .map(|(v, _)| v.id.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        if later.is_empty() {
+            String::new()
+        } else {
+            format!("; left for phase two: {}", later.join(", "))
+        }
+    );
+    Ok(())
+}
+
+fn restore_one(img: &str, dev: &Path, action: Action, secret: Option<&[u8]>) -> Result<()> {
+    use crate::image::{files, on_tape, read::Image, restore};
+    if let Some((drive, name)) = on_tape::spec(Path::new(img)) {
+        on_tape::restore(&drive, name.as_deref(), dev, secret, true)?;
+        return Ok(());
+    }
+    let image = Image::open(Path::new(img), secret)?;
+    if action == Action::RestoreFiles {
+        files::restore_files(image, dev)?;
+    } else {
+        restore::restore(&image, dev, true)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan_on(devs: &[&str], warnings: &[&str]) -> Plan {
+        let targets: Vec<serde_json::Value> = devs
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "device": d, "name": d.trim_start_matches("/dev/"), "size_bytes": 1u64 << 30,
+                    "logical_sector_size": 512, "physical_sector_size": 512, "saved": ["disk0"],
+                    "table": "gpt", "partitions": [], "reason": ""
+                })
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "disks": [], "targets": targets, "volumes": [], "dropped": [],
+            "warnings": warnings, "policy": Policy::default()
+        }))
+        .unwrap()
+    }
+
+    fn w(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn nothing_is_written_without_naming_every_disk() {
+        let p = plan_on(&["/dev/vda", "/dev/vdb"], &[]);
+        let e = consent(&[], &p).unwrap_err();
+        assert!(e.contains("bmr.wipe=/dev/vda,/dev/vdb"), "{e}");
+        let e = consent(&w(&["/dev/vda"]), &p).unwrap_err();
+        assert!(e.contains("/dev/vdb, which bmr.wipe= does not name"), "{e}");
+        assert!(consent(&w(&["/dev/vdb", "/dev/vda"]), &p).is_ok());
+        assert!(consent(&w(&["all"]), &p).is_ok());
+    }
+
+    #[test]
+    fn a_guessed_mapping_is_never_consented_to() {
+        let p = plan_on(
+            &["/dev/vda"],
+            &["disk0: /dev/vda and /dev/vdb are equally suitable; chose /dev/vda"],
+        );
+        let e = consent(&w(&["all"]), &p).unwrap_err();
+        assert!(e.contains("bmr.target="), "{e}");
+    }
+
+    #[test]
+    fn sources_and_image_names() {
+        let tape = source("tape:/dev/nst0").unwrap();
+        assert_eq!(
+            image_of(&tape, Some("tape#root"), "root").unwrap(),
+            "tape:/dev/nst0#root"
+        );
+        let dir = source("file:/mnt/repo").unwrap();
+        assert_eq!(
+            image_of(&dir, Some("images/h-root-1.bmri"), "root").unwrap(),
+            "/mnt/repo/images/h-root-1.bmri"
+        );
+        let url = source("https://backup/repo/").unwrap();
+        assert_eq!(
+            image_of(&url, Some("images/x.bmri"), "root").unwrap(),
+            "https://backup/repo/images/x.bmri"
+        );
+        assert!(source("ftp://x").is_err());
+        let e = image_of(&tape, None, "root").unwrap_err().to_string();
+        assert!(e.contains("run bmr backup"), "{e}");
+    }
+}
