@@ -24,6 +24,18 @@ fn mounted_rw(dev: &std::path::Path) -> Option<std::path::PathBuf> {
     (!ro).then(|| m.mountpoint.clone())
 }
 
+fn print_restored(from: &std::path::Path, device: &std::path::Path, r: restore::Restored) {
+    println!(
+        "restored {} onto {}: {} in {:.1} s ({}){}",
+        from.display(),
+        device.display(),
+        size(r.written),
+        r.seconds,
+        rate(r.written, r.seconds),
+        r.grown.map(|g| format!("; {g}")).unwrap_or_default()
+    );
+}
+
 fn rate(bytes: u64, secs: f64) -> String {
     format!("{}/s", size((bytes as f64 / secs.max(0.001)) as u64))
 }
@@ -112,15 +124,7 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
                     key.secret()?.as_deref(),
                     !no_grow,
                 )?;
-                println!(
-                    "restored {} onto {}: {} in {:.1} s ({}){}",
-                    from.display(),
-                    device.display(),
-                    size(r.written),
-                    r.seconds,
-                    rate(r.written, r.seconds),
-                    r.grown.map(|g| format!("; {g}")).unwrap_or_default()
-                );
+                print_restored(&from, &device, r);
                 return Ok(ExitCode::SUCCESS);
             }
             let img = Image::open(&from, key.secret()?.as_deref())?;
@@ -134,15 +138,7 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
                 );
             } else {
                 let r = restore::restore(&img, &device, !no_grow)?;
-                println!(
-                    "restored {} onto {}: {} in {:.1} s ({}){}",
-                    from.display(),
-                    device.display(),
-                    size(r.written),
-                    r.seconds,
-                    rate(r.written, r.seconds),
-                    r.grown.map(|g| format!("; {g}")).unwrap_or_default()
-                );
+                print_restored(&from, &device, r);
             }
         }
         ImageCmd::Info {

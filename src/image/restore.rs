@@ -153,23 +153,39 @@ pub fn restore(img: &Image, dev: &Path, grow: bool) -> Result<Restored> {
         }
         out.file.sync_all().context("flushing the restored volume")
     });
-    if let Err(e) = result {
-        // Leave it unmountable rather than silently wrong.
-        let _ = out.write_at(&vec![0u8; (1u64 << 20).min(target) as usize], 0);
-        let _ = out.file.sync_all();
-        return Err(e.context(format!(
-            "the restore of {} stopped; its start was zeroed so it cannot be mounted half-restored",
-            dev.display()
-        )));
-    }
+    finish(result.map(|()| total), &out, dev, vol, grow, &mut progress)
+}
+
+/// The end of every restore: on failure the start is zeroed (unmountable
+/// rather than silently wrong); on success the filesystem is grown to the
+/// partition, and a failed grow is reported, not fatal (the filesystem is
+/// good at its saved size).
+pub fn finish(
+    result: Result<u64>,
+    out: &Bounded,
+    dev: &Path,
+    vol: &super::format::VolumeInfo,
+    grow: bool,
+    progress: &mut Progress,
+) -> Result<Restored> {
+    let written = match result {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = out.write_at(&vec![0u8; (1u64 << 20).min(out.limit) as usize], 0);
+            let _ = out.file.sync_all();
+            return Err(e.context(format!(
+                "the restore of {} stopped; its start was zeroed so it cannot be mounted half-restored",
+                dev.display()
+            )));
+        }
+    };
     let seconds = progress.finish();
-    // A failed grow leaves a good filesystem of the saved size: say so, do not fail.
-    let grown = (grow && target > vol.size_bytes).then(|| {
+    let grown = (grow && out.limit > vol.size_bytes).then(|| {
         grow_fs(&vol.filesystem, dev)
             .unwrap_or_else(|e| format!("not grown ({e:#}); the filesystem keeps its saved size"))
     });
     Ok(Restored {
-        written: total,
+        written,
         seconds,
         grown,
     })

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use super::format::{self, Kind, Record};
 use super::progress::Progress;
 use super::read::{decode, key_for};
-use super::restore::{grow_fs, open_target, Restored};
+use super::restore::{finish, open_target, Restored};
 
 const BATCH: usize = 16;
 
@@ -35,10 +35,6 @@ pub fn restore_stream<R: Read>(
     let key = key_for(&header, secret, what)?;
     let vol = header.volume.clone();
     let (out, target) = open_target(dev, &vol)?;
-    let zero_start = || {
-        let _ = out.write_at(&vec![0u8; (1u64 << 20).min(target) as usize], 0);
-        let _ = out.sync();
-    };
     let mut progress = Progress::new(
         &format!("restoring {} from {what}", dev.display()),
         if header.imaged_bytes > 0 {
@@ -128,26 +124,7 @@ pub fn restore_stream<R: Read>(
         out.sync().context("flushing the restored volume")?;
         Ok(written)
     })();
-    let written = match result {
-        Ok(w) => w,
-        Err(e) => {
-            zero_start();
-            return Err(e.context(format!(
-                "the restore of {} stopped; its start was zeroed so it cannot be mounted half-restored",
-                dev.display()
-            )));
-        }
-    };
-    let seconds = progress.finish();
-    let grown = (grow && target > vol.size_bytes).then(|| {
-        grow_fs(&vol.filesystem, dev)
-            .unwrap_or_else(|e| format!("not grown ({e:#}); the filesystem keeps its saved size"))
-    });
-    Ok(Restored {
-        written,
-        seconds,
-        grown,
-    })
+    finish(result, &out, dev, &vol, grow, &mut progress)
 }
 
 #[cfg(test)]
