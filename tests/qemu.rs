@@ -24,7 +24,8 @@ struct Scenario {
     #[serde(default)]
     make_test: bool,
     firmware: Vec<String>,
-    /// iso | kernel (direct boot of the ISO's kernel and initramfs, with `append`)
+    /// iso (as a CD) | usb (the ISO as a USB stick) | kernel (direct boot of the
+    /// ISO's kernel and initramfs, with `append`)
     boot: String,
     #[serde(default)]
     append: String,
@@ -240,6 +241,19 @@ fn run(name: &str, s: &Scenario, fw: &str, f: &Fixtures) -> Result<String, Strin
                 "{name}: append needs boot = \"kernel\""
             );
             cfg.cdrom(&f.iso)
+        }
+        // The ISO written raw to a USB stick (`dd`), booted from it.
+        "usb" => {
+            assert!(
+                s.append.is_empty(),
+                "{name}: append needs boot = \"kernel\""
+            );
+            cfg.disk(
+                Disk::new(&f.iso, Interface::Usb)
+                    .serial("bmr-rescue-stick")
+                    .bootindex(0)
+                    .snapshot(),
+            )
         }
         "kernel" => cfg.kernel(
             &f.kernel.vmlinuz,
