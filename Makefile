@@ -3,7 +3,7 @@ CARGO ?= cargo
 BMR := target/release/bmr
 DEMO := target/demo
 
-.PHONY: all build deps test lint demo iso qemu-test kernel bench clean
+.PHONY: all build deps test lint demo iso qemu-test kernel bench fuzz clean
 
 all: build
 
@@ -38,6 +38,16 @@ iso: deps build
 # Every QEMU scenario in qemu-tests/scenarios, the long ones included.
 qemu-test: deps
 	BMR_QEMU_ALL=1 $(CARGO) test --locked --test qemu -- --nocapture --test-threads=1
+
+# libFuzzer on the parsers of untrusted input (fuzz/), FUZZ_SECONDS each.
+# cargo-fuzz wants a nightly compiler; RUSTC_BOOTSTRAP lets the stable one
+# accept its flags. Findings land in fuzz/artifacts/.
+FUZZ_SECONDS ?= 60
+fuzz: deps
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && for t in $$(RUSTC_BOOTSTRAP=1 $(CARGO) fuzz list); do \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 || exit 1; \
+	done
 
 # Optional, about an hour on two cores, not part of CI: kernel-config/README.md.
 kernel:

@@ -18,6 +18,9 @@ pub const FORMAT: u32 = 1;
 const MAX_HEADER: u32 = 1 << 20;
 /// A chunk's stored bytes may exceed its raw size a little (AEAD overhead).
 const MAX_STORED: u32 = (64 << 20) + 64;
+/// The largest chunk the format allows (docs/image-format.md): a record
+/// claiming more is damage, and must not make a reader allocate it.
+const MAX_CHUNK: u32 = 64 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -232,6 +235,10 @@ pub fn read_record<R: Read>(r: &mut R) -> Result<Option<Record>> {
         "damaged record at volume offset {offset}: {stored} stored bytes"
     );
     ensure!(
+        raw_len <= MAX_CHUNK,
+        "damaged record at volume offset {offset}: a {raw_len}-byte chunk"
+    );
+    ensure!(
         kind.has_payload() || stored == 0,
         "damaged record at volume offset {offset}: payload on a {kind:?} record"
     );
@@ -319,6 +326,11 @@ pub fn decode_index(b: &[u8], volume_size: u64) -> Result<(Vec<Entry>, Vec<Strin
                 .is_some_and(|end| end <= volume_size),
             "index entry {i} points outside the volume ({} + {} > {volume_size})",
             entry.offset,
+            entry.raw_len
+        );
+        ensure!(
+            entry.raw_len <= MAX_CHUNK && entry.stored_len <= MAX_STORED,
+            "index entry {i} claims a {}-byte chunk: damaged",
             entry.raw_len
         );
         out.push(entry);
@@ -468,6 +480,17 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("truncated"));
+        // A chunk larger than the format allows is damage, not an allocation.
+        let huge = Record {
+            kind: Kind::Zero,
+            raw_len: u32::MAX,
+            payload: Vec::new(),
+            ..rec.clone()
+        };
+        let mut hb = Vec::new();
+        write_record(&mut hb, &huge).unwrap();
+        let err = read_record(&mut &hb[..]).unwrap_err().to_string();
+        assert!(err.contains("4294967295-byte chunk"), "{err}");
 
         let e = Entry {
             kind: Kind::Zero,
