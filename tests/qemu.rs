@@ -48,6 +48,9 @@ struct Scenario {
     /// The blank disks must still be all zeros afterwards.
     #[serde(default)]
     blank_untouched: bool,
+    /// The tape's LUN is made read-only (a write-protected cartridge).
+    #[serde(default)]
+    tape_readonly: bool,
     /// Size of the virtual tape in MB.
     #[serde(default = "default_tape_mb")]
     tape_mb: u64,
@@ -217,6 +220,27 @@ fn wait_until(vm: &Qemu, deadline: Duration, done: impl Fn(&str) -> bool) -> boo
 fn run(name: &str, s: &Scenario, fw: &str, f: &Fixtures) -> Result<String, String> {
     let dir = tempfile::tempdir_in(repo().join("target")).unwrap();
     let tgt = s.tape.then(|| Tgt::start(dir.path(), s.tape_mb));
+    if let (Some(t), true) = (&tgt, s.tape_readonly) {
+        let out = t.tgtadm(&[
+            "--lld",
+            "iscsi",
+            "--op",
+            "update",
+            "--mode",
+            "logicalunit",
+            "--tid",
+            "1",
+            "--lun",
+            "1",
+            "--params",
+            "readonly=1",
+        ]);
+        assert!(
+            out.status.success(),
+            "tgtadm readonly: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let mut cfg = QemuConfig::new().memory_mb(1024).firmware(match fw {
         "bios" => Firmware::Bios,
         "uefi" => Firmware::Uefi,
