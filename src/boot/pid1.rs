@@ -62,6 +62,8 @@ struct Sinks {
 }
 
 static LOG: Mutex<Option<Sinks>> = Mutex::new(None);
+/// The `console=` values, to open the consoles again after a shell.
+static CONSOLES: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 /// The device nodes of `console=` values: `ttyS0,115200n8` -> /dev/ttyS0.
 pub fn console_devices(consoles: &[String]) -> Vec<String> {
@@ -85,6 +87,9 @@ pub fn console_devices(consoles: &[String]) -> Vec<String> {
 /// Points stdin/stdout/stderr at /dev/console and opens every console the
 /// kernel was told about, so messages show on VGA and serial alike.
 pub fn open_console(consoles: &[String]) {
+    if let Ok(mut known) = CONSOLES.lock() {
+        *known = consoles.to_vec();
+    }
     if let Ok(c) = OpenOptions::new()
         .read(true)
         .write(true)
@@ -173,7 +178,14 @@ pub fn shell() {
         .stderr(Stdio::inherit())
         .spawn();
     match child {
-        Ok(c) => wait_for(Pid::from_raw(c.id() as i32)),
+        Ok(c) => {
+            wait_for(Pid::from_raw(c.id() as i32));
+            // The shell's session ended, and the kernel hung up its terminal
+            // with every descriptor on it, ours included: open them again,
+            // or PID 1 goes mute (and println! would panic).
+            let consoles = CONSOLES.lock().map(|c| c.clone()).unwrap_or_default();
+            open_console(&consoles);
+        }
         Err(e) => {
             say(&format!("cannot start /bin/sh: {e}"));
             std::thread::sleep(Duration::from_secs(10));
