@@ -471,7 +471,8 @@ pub fn write_stream(
         let f = match File::open(&device) {
             Ok(f) => f,
             Err(e) => {
-                let _ = tx.send(Err(e.into()));
+                let _ = tx.send(Err(anyhow::Error::new(e)
+                    .context(format!("opening {} to read it", device.display()))));
                 return;
             }
         };

@@ -76,13 +76,23 @@ impl ChunkStore for DirStore {
             return Ok(false);
         }
         let dir = path.parent().unwrap_or(&self.root);
-        fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!(".{}.tmp", hex(id)));
-        let mut f = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        // A temp name of its own: two threads sealing the same chunk at once
+        // must not share one (the second rename would find it gone).
+        let mut f = tempfile::Builder::new()
+            .prefix(".chunk")
+            .tempfile_in(dir)
+            .with_context(|| format!("writing a chunk in {}", dir.display()))?;
         f.write_all(&[flags])?;
         f.write_all(payload)?;
-        f.sync_data()?;
-        fs::rename(&tmp, &path)?;
+        // As a plain create would have made it, not the temp file's 0600.
+        f.as_file()
+            .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        f.as_file().sync_data()?;
+        // Same id, same bytes: whichever rename lands last is as good.
+        f.persist(&path)
+            .map_err(|e| e.error)
+            .with_context(|| format!("storing {}", path.display()))?;
         Ok(true)
     }
 
