@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::capture::{self, SaveOptions};
 use crate::manifest::{CatalogMode, Manifest};
 use crate::medium::{self, Written};
-use crate::plan::{self, Plan, Policy, Sizing, TargetDisk};
+use crate::plan::{Plan, Policy, Sizing, TargetDisk};
 use crate::probe;
 
 #[derive(Debug, Parser)]
@@ -178,16 +178,18 @@ impl PlanArgs {
     /// Loads the manifest, probes the targets and plans: no writes.
     pub fn make(&self) -> Result<(Manifest, Vec<TargetDisk>, Plan)> {
         let manifest = medium::load_manifest(&self.medium)?;
-        let protect = [(self.medium.clone(), "holds the recovery medium")];
-        let (targets, warnings) = crate::targets::targets(&self.disks, &protect)?;
-        for w in warnings {
-            eprintln!("bmr: warning: {w}");
-        }
         let policy = Policy {
             sizing: self.policy,
             keep_intact: self.keep_intact,
         };
-        let plan = plan::plan(&manifest, &targets, &self.map, policy)?;
+        let (targets, plan) = crate::targets::plan_here(
+            &manifest,
+            &self.disks,
+            &self.medium,
+            &self.map,
+            policy,
+            &mut |w| eprintln!("bmr: warning: {w}"),
+        )?;
         Ok((manifest, targets, plan))
     }
 }
@@ -404,10 +406,7 @@ pub fn run() -> Result<ExitCode> {
                 );
                 return Ok(ExitCode::SUCCESS);
             }
-            let protected = crate::targets::disk_holding(&args.medium)
-                .map(|d| (d, "holds the recovery medium".to_string()))
-                .into_iter()
-                .collect();
+            let protected = crate::targets::medium_protection(&args.medium);
             let opts = crate::apply::Options {
                 keep_on_error,
                 journal,

@@ -86,6 +86,37 @@ pub fn disks_in_use() -> HashMap<String, String> {
     busy
 }
 
+/// The disk holding the recovery medium, as apply's protected list wants it.
+pub fn medium_protection(medium: &Path) -> Vec<(String, String)> {
+    disk_holding(medium)
+        .map(|d| (d, MEDIUM.to_string()))
+        .into_iter()
+        .collect()
+}
+
+const MEDIUM: &str = "holds the recovery medium";
+
+/// Probes this machine's disks (all, or those named) with the medium's disk
+/// protected, and plans the saved layout onto them: what `bmr plan`, the
+/// rescue system's guided view and unattended recovery all start from.
+/// Probe warnings go to `warn` before planning, so they are seen also
+/// when the plan fails.
+pub fn plan_here(
+    m: &crate::manifest::Manifest,
+    disks: &[PathBuf],
+    medium: &Path,
+    map: &[(String, String)],
+    policy: crate::plan::Policy,
+    warn: &mut dyn FnMut(&str),
+) -> Result<(Vec<TargetDisk>, crate::plan::Plan)> {
+    let (targets, warnings) = targets(disks, &[(medium.to_path_buf(), MEDIUM)])?;
+    for w in &warnings {
+        warn(w);
+    }
+    let plan = crate::plan::plan(m, &targets, map, policy)?;
+    Ok((targets, plan))
+}
+
 /// A USB stick (or disk) carrying the rescue ISO written raw: the system
 /// the operator booted from must survive a mistaken mapping.
 fn rescue_stick(dev: &Path) -> Option<String> {

@@ -127,7 +127,11 @@ fn apply(f: &mut Flags, flag: &str, value: Option<&str>) -> Result<(), String> {
             }
         }
         "medium" => f.medium = Some(need()?.to_string()),
-        "source" => f.source = Some(source(need()?)?),
+        "source" => {
+            let v = need()?;
+            crate::recover::source(v).map_err(|e| e.to_string())?;
+            f.source = Some(v.to_string());
+        }
         "target" => {
             let v = need()?;
             if v != "auto" {
@@ -181,17 +185,6 @@ fn switch(value: Option<&str>) -> Result<bool, String> {
         None | Some("1" | "y" | "yes" | "on" | "true") => Ok(true),
         Some("0" | "n" | "no" | "off" | "false") => Ok(false),
         Some(v) => Err(format!("\"{v}\" is not a yes/no value")),
-    }
-}
-
-fn source(v: &str) -> Result<String, String> {
-    let known = ["tape:", "file:", "http://", "https://"];
-    if known.iter().any(|p| v.starts_with(p)) {
-        Ok(v.to_string())
-    } else {
-        Err(format!(
-            "\"{v}\" is not tape:DEV, file:PATH or an http(s):// URL"
-        ))
     }
 }
 

@@ -363,17 +363,10 @@ fn hand_over(flags: &Flags, medium: Option<(&Path, &crate::manifest::Manifest)>)
                 say("nothing to recover without a recovery medium");
                 return;
             };
-            let protect = [(dev.to_path_buf(), "holds the recovery medium")];
-            let planned = crate::targets::targets(&[], &protect).and_then(|(targets, warns)| {
-                for w in warns {
-                    say(&format!("warning: {w}"));
-                }
-                let policy = crate::plan::Policy::default();
-                let plan = crate::plan::plan(m, &targets, &flags.map, policy)?;
-                Ok(crate::report::plan_text(m, &targets, &plan))
-            });
-            match planned {
-                Ok(text) => show(&text),
+            let policy = crate::plan::Policy::default();
+            let mut warn = |w: &str| say(&format!("warning: {w}"));
+            match crate::targets::plan_here(m, &[], dev, &flags.map, policy, &mut warn) {
+                Ok((targets, plan)) => show(&crate::report::plan_text(m, &targets, &plan)),
                 Err(e) => say(&format!("no plan: {e:#}")),
             }
         }

@@ -57,9 +57,8 @@ impl Writer {
         }
         let set = self.set.as_mut().context("the tape set is finished")?;
         let mut file = set.next_file()?;
-        let mut c = create_into(o, Some(&mut file))?;
+        let c = create_into(o, Some(&mut file))?;
         file.finish()?;
-        c.path = o.to.clone();
         Ok(c)
     }
 

@@ -45,14 +45,20 @@ impl Bounded {
             .with_context(|| format!("writing at {offset}"))
     }
 
+    /// Zeroes the first MiB, where filesystems keep their superblock or
+    /// boot sector: a half-restored volume must not look mountable.
+    pub fn zero_start(&self) -> Result<()> {
+        self.write_at(&vec![0u8; (1u64 << 20).min(self.limit) as usize], 0)
+    }
+
     pub fn sync(&self) -> Result<()> {
         Ok(self.file.sync_all()?)
     }
 }
 
 /// The restore target, checked unused and big enough, opened for writing
-/// within its own size; returns it with that size.
-pub fn open_target(dev: &Path, vol: &super::format::VolumeInfo) -> Result<(Bounded, u64)> {
+/// within its own size.
+pub fn open_target(dev: &Path, vol: &super::format::VolumeInfo) -> Result<Bounded> {
     ensure_unused(dev)?;
     let target = device_size(dev)?;
     if target < vol.size_bytes {
@@ -67,7 +73,7 @@ pub fn open_target(dev: &Path, vol: &super::format::VolumeInfo) -> Result<(Bound
         .write(true)
         .open(dev)
         .with_context(|| format!("opening {} for writing", dev.display()))?;
-    Ok((Bounded::new(file, target), target))
+    Ok(Bounded::new(file, target))
 }
 
 #[derive(Debug)]
@@ -104,7 +110,7 @@ pub fn ensure_unused(dev: &Path) -> Result<()> {
 
 pub fn restore(img: &Image, dev: &Path, grow: bool) -> Result<Restored> {
     let vol = &img.header.volume;
-    let (out, target) = open_target(dev, vol)?;
+    let out = open_target(dev, vol)?;
     let mut entries: Vec<&Entry> = img.entries.iter().collect();
     entries.sort_by_key(|e| e.offset);
     // Boot sector / superblock last: until everything else is in, the target does not look like a filesystem.
@@ -116,7 +122,7 @@ pub fn restore(img: &Image, dev: &Path, grow: bool) -> Result<Restored> {
     let mut progress = Progress::new(&format!("restoring {}", dev.display()), total);
     let result = std::thread::scope(|scope| -> Result<()> {
         // The start is zeroed first, so an interrupted restore leaves no mountable filesystem.
-        out.write_at(&vec![0u8; (1u64 << 20).min(target) as usize], 0)?;
+        out.zero_start()?;
         // Decoding (both cores) overlaps writing (its own thread).
         let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(2 * BATCH);
         let writer = scope.spawn(|| -> Result<u64> {
@@ -171,7 +177,7 @@ pub fn finish(
     let written = match result {
         Ok(w) => w,
         Err(e) => {
-            let _ = out.write_at(&vec![0u8; (1u64 << 20).min(out.limit) as usize], 0);
+            let _ = out.zero_start();
             let _ = out.file.sync_all();
             return Err(e.context(format!(
                 "the restore of {} stopped; its start was zeroed so it cannot be mounted half-restored",

@@ -34,7 +34,7 @@ pub fn restore_stream<R: Read>(
     }
     let key = key_for(&header, secret, what)?;
     let vol = header.volume.clone();
-    let (out, target) = open_target(dev, &vol)?;
+    let out = open_target(dev, &vol)?;
     let mut progress = Progress::new(
         &format!("restoring {} from {what}", dev.display()),
         if header.imaged_bytes > 0 {
@@ -44,7 +44,7 @@ pub fn restore_stream<R: Read>(
         },
     );
     let result = (|| -> Result<u64> {
-        out.write_at(&vec![0u8; (1u64 << 20).min(target) as usize], 0)?;
+        out.zero_start()?;
         let mut seen: Vec<(u64, Kind, [u8; 32])> = Vec::new();
         let mut first: Option<Vec<u8>> = None;
         let mut written = 0u64;

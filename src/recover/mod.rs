@@ -99,12 +99,10 @@ pub fn phase_one(m: &Manifest, o: &Options) -> Result<()> {
         Some(s) => source(s)?,
         None => bail!("no backup source: give bmr.source= (tape:/dev/nst0, file:DIR or an http(s):// URL); nothing was written"),
     };
-    let protect = [(o.medium.to_path_buf(), "holds the recovery medium")];
-    let (targets, warnings) = crate::targets::targets(&[], &protect)?;
-    for w in warnings {
-        println!("warning: {w}");
-    }
-    let plan = crate::plan::plan(m, &targets, o.map, Policy::default())?;
+    let (targets, plan) =
+        crate::targets::plan_here(m, &[], o.medium, o.map, Policy::default(), &mut |w| {
+            println!("warning: {w}")
+        })?;
     print!("{}", crate::report::plan_text(m, &targets, &plan));
     if let Err(why) = consent(o.wipe, &plan) {
         bail!("unattended recovery refused: {why}; nothing was written");
@@ -129,10 +127,7 @@ pub fn phase_one(m: &Manifest, o: &Options) -> Result<()> {
             _ => {}
         }
     }
-    let protected = crate::targets::disk_holding(o.medium)
-        .map(|d| (d, "holds the recovery medium".to_string()))
-        .into_iter()
-        .collect();
+    let protected = crate::targets::medium_protection(o.medium);
     crate::apply::apply(
         m,
         &plan,

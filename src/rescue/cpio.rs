@@ -4,7 +4,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -77,7 +77,6 @@ pub fn write(root: &Path, dest: &Path, level: i32) -> Result<(u64, u64)> {
             entry(&mut counted, &name, S_IFDIR | perm, &mut ino, &[], (0, 0))?;
         } else if meta.is_file() {
             let data = fs::read(&full)?;
-            let _ = meta.size();
             entry(&mut counted, &name, S_IFREG | perm, &mut ino, &data, (0, 0))?;
         }
     }

@@ -134,7 +134,9 @@ impl Tree {
         fs::write(&dest, data)?;
         fs::set_permissions(&dest, fs::Permissions::from_mode(mode))?;
         self.added.insert(abs.to_path_buf());
-        if super::elf::is_elf(&dest) {
+        // Only programs need their libraries followed: kernel modules are
+        // ELF too, and written here without an execute bit.
+        if mode & 0o111 != 0 && data.starts_with(b"\x7fELF") {
             self.elves.push(abs.to_path_buf());
         }
         Ok(())
