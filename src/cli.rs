@@ -142,6 +142,10 @@ pub enum Cmd {
             default_value = "/run/bmr/apply-journal.json"
         )]
         journal: PathBuf,
+        /// Stop after restoring the boot and system volumes: no phase-two
+        /// environment or boot entry on the target.
+        #[arg(long)]
+        no_phase_two: bool,
         #[command(flatten)]
         key: KeyArgs,
     },
@@ -459,10 +463,11 @@ pub fn run() -> Result<ExitCode> {
             wipe,
             map,
             journal,
+            no_phase_two,
             key,
         } => {
             let m = medium::load_manifest(&medium_path)?;
-            crate::recover::phase_one(
+            let done = crate::recover::phase_one(
                 &m,
                 &crate::recover::Options {
                     medium: &medium_path,
@@ -471,8 +476,13 @@ pub fn run() -> Result<ExitCode> {
                     map: &map,
                     secret: key.secret()?,
                     journal,
+                    phase_two: !no_phase_two,
+                    cmdline: std::fs::read_to_string("/proc/cmdline").unwrap_or_default(),
                 },
             )?;
+            if done.phase_two.is_some() {
+                println!("reboot from the target disk to run phase two");
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

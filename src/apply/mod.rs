@@ -4,7 +4,7 @@
 //! stale signatures wiped, and new filesystems for `create`/`restore-files`.
 //! Every step is journaled so an interrupted run continues where it stopped.
 
-mod journal;
+pub mod journal;
 mod kernel;
 pub mod mkfs;
 mod preflight;

@@ -165,7 +165,18 @@ fn find_medium(
     report: &mut BootReport,
 ) -> Option<(PathBuf, crate::manifest::Manifest)> {
     let wait = Duration::from_secs(if flags.medium.is_some() { 30 } else { 8 });
-    let (choice, seen) = discover::find(flags.medium.as_deref(), wait);
+    // `SPEC:/path`: a medium image inside that filesystem (phase two's copy
+    // on the restored boot volume), mounted read-write for its journal.
+    let (spec, inner) = match flags
+        .medium
+        .as_deref()
+        .map(|s| (s, crate::recover::split_device_path(s)))
+    {
+        Some((_, Some((spec, path)))) => (Some(spec), Some(path)),
+        Some((s, None)) => (Some(s), None),
+        None => (None, None),
+    };
+    let (choice, seen) = discover::find(spec, wait);
     let dev = match choice {
         discover::Choice::Found(d) => d,
         discover::Choice::Several(ds) => {
@@ -205,6 +216,16 @@ fn find_medium(
             return None;
         }
     };
+    let dev = match inner {
+        Some(path) => match mount_medium_fs(&dev, path) {
+            Ok(p) => p,
+            Err(e) => {
+                warn(report, &format!("{e:#}"));
+                return None;
+            }
+        },
+        None => dev,
+    };
     match crate::medium::load_manifest(&dev) {
         Ok(m) => {
             say(&format!(
@@ -228,6 +249,20 @@ fn find_medium(
             None
         }
     }
+}
+
+fn mount_medium_fs(dev: &Path, path: &str) -> anyhow::Result<PathBuf> {
+    let at = Path::new(pid1::LOG_DIR).join("medium-fs");
+    fs::create_dir_all(&at)?;
+    crate::tool::run(std::process::Command::new("mount").arg(dev).arg(&at))?;
+    let file = at.join(path.trim_start_matches('/'));
+    if !file.is_file() {
+        anyhow::bail!(
+            "bmr.medium names {path} on {}, which is not there: phase two has finished or the disk is not the one phase one wrote",
+            dev.display()
+        );
+    }
+    Ok(file)
 }
 
 fn load_drivers(dev: &Path, m: &crate::manifest::Manifest, report: &mut BootReport) {
@@ -324,6 +359,9 @@ fn write_report(r: &BootReport) -> anyhow::Result<()> {
 
 /// Until recovery itself arrives, auto and guided show what they would do.
 fn hand_over(flags: &Flags, medium: Option<(&Path, &crate::manifest::Manifest)>) {
+    if flags.phase == 2 {
+        return phase_two(flags, medium);
+    }
     match flags.mode {
         Mode::Shell => {}
         Mode::Auto => {
@@ -351,10 +389,16 @@ fn hand_over(flags: &Flags, medium: Option<(&Path, &crate::manifest::Manifest)>)
                     map: &flags.map,
                     secret,
                     journal: Path::new(pid1::LOG_DIR).join("apply-journal.json"),
+                    phase_two: true,
+                    cmdline: fs::read_to_string("/proc/cmdline").unwrap_or_default(),
                 },
             );
             match result {
-                Ok(()) => say("unattended recovery: phase one finished"),
+                Ok(_) => {
+                    say("unattended recovery: phase one finished; the rescue ISO and the recovery medium can be removed now");
+                    say(PHASE_ONE_DONE);
+                    pid1::reboot(Duration::from_secs(3));
+                }
                 Err(e) => say(&format!("unattended recovery stopped: {e:#}")),
             }
         }
@@ -370,5 +414,36 @@ fn hand_over(flags: &Flags, medium: Option<(&Path, &crate::manifest::Manifest)>)
                 Err(e) => say(&format!("no plan: {e:#}")),
             }
         }
+    }
+}
+
+/// Console markers a supervisor (or a test) waits for.
+pub const PHASE_ONE_DONE: &str = "BMR-PHASE-ONE-DONE";
+pub const RECOVERY_DONE: &str = "BMR-RECOVERY-DONE";
+pub const RECOVERY_FAILED: &str = "BMR-RECOVERY-FAILED";
+
+/// Booted from the restored disk: finish the recovery, then boot the system.
+fn phase_two(flags: &Flags, medium: Option<(&Path, &crate::manifest::Manifest)>) {
+    let Some((dev, m)) = medium else {
+        say(&format!(
+            "{RECOVERY_FAILED} phase two found no phase-two environment (bmr.medium=); the restored system may still boot: remove this entry by starting the recovery again"
+        ));
+        return;
+    };
+    say(&format!("recovery of {}: phase two", m.system.hostname));
+    match crate::recover::phase_two::run(dev, m, flags.lock, &mut |l| say(l)) {
+        Ok(r) => {
+            say(&format!(
+                "{RECOVERY_DONE} status={} report=/{}",
+                r.status,
+                crate::recover::phase_two::REPORT
+            ));
+            let _ = crate::tool::run(
+                std::process::Command::new("umount")
+                    .arg(Path::new(pid1::LOG_DIR).join("medium-fs")),
+            );
+            pid1::reboot(Duration::from_secs(3));
+        }
+        Err(e) => say(&format!("{RECOVERY_FAILED} {e:#}")),
     }
 }

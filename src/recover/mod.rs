@@ -1,10 +1,16 @@
-//! Phase one of a recovery, unattended: plan, the operator's consent given
-//! in advance (`bmr.wipe=` / `--wipe`), partition tables and filesystems,
-//! then the boot and system volumes restored from the backup source, boot
-//! critical first. Phase two (data volumes, hardware adaptation, the boot
-//! loader) is not here yet: what is left for it is reported.
+//! Recovery, unattended. Phase one: plan, the operator's consent given in
+//! advance (`bmr.wipe=` / `--wipe`), partition tables and filesystems, the
+//! boot and system volumes restored from the backup source, then the
+//! phase-two environment and its boot entry on the target (`chain`). Phase
+//! two (`phase_two`) runs after the reboot, from the target disk.
+
+pub mod adapt;
+pub mod chain;
+pub mod commands;
+pub mod phase_two;
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
@@ -68,6 +74,64 @@ pub fn consent(wipe: &[String], plan: &Plan) -> Result<(), String> {
     Ok(())
 }
 
+/// Unmounts a backup source bmr mounted itself.
+pub struct SourceMount(PathBuf);
+
+impl Drop for SourceMount {
+    fn drop(&mut self) {
+        let _ = crate::tool::run(std::process::Command::new("umount").arg(&self.0));
+    }
+}
+
+/// The source, with `file:LABEL=X:/DIR` (or `UUID=`, or a device) mounted
+/// read-only first: in the rescue system nothing else mounts it.
+pub fn open_source(s: &str) -> Result<(Source, Option<SourceMount>)> {
+    let src = source(s)?;
+    let Source::Dir(d) = &src else {
+        return Ok((src, None));
+    };
+    let text = d.to_string_lossy().into_owned();
+    let Some((spec, inner)) = split_device_path(&text) else {
+        return Ok((src, None));
+    };
+    let dev = find_device(spec)?;
+    let at = PathBuf::from("/run/bmr/source");
+    std::fs::create_dir_all(&at)?;
+    crate::tool::run(
+        std::process::Command::new("mount")
+            .args(["-o", "ro"])
+            .arg(&dev)
+            .arg(&at),
+    )
+    .with_context(|| format!("mounting the backup source {spec} ({})", dev.display()))?;
+    let dir = at.join(inner.trim_start_matches('/'));
+    Ok((Source::Dir(dir), Some(SourceMount(at))))
+}
+
+/// `LABEL=X:/path`, `UUID=X:/path`, `/dev/sdb1:/path`: a filesystem and a
+/// path inside it.
+pub fn split_device_path(s: &str) -> Option<(&str, &str)> {
+    let (spec, path) = s.split_once(':')?;
+    let known =
+        spec.starts_with("LABEL=") || spec.starts_with("UUID=") || spec.starts_with("/dev/");
+    (known && path.starts_with('/')).then_some((spec, path))
+}
+
+/// The block device a LABEL=/UUID= names (blkid reads the devices).
+pub fn find_device(spec: &str) -> Result<PathBuf> {
+    let (flag, value) = match spec.split_once('=') {
+        Some(("LABEL", v)) => ("-L", v),
+        Some(("UUID", v)) => ("-U", v),
+        _ => return Ok(PathBuf::from(spec)),
+    };
+    let out = crate::tool::run(std::process::Command::new("blkid").args([flag, value]))
+        .with_context(|| format!("no filesystem with {spec} is attached"))?;
+    match out.lines().next() {
+        Some(d) if !d.is_empty() => Ok(PathBuf::from(d)),
+        _ => bail!("no filesystem with {spec} is attached"),
+    }
+}
+
 /// The image of a volume in `src`, from the name `bmr backup` recorded.
 fn image_of(src: &Source, recorded: Option<&str>, volume: &str) -> Result<String> {
     let recorded = recorded.with_context(|| {
@@ -91,14 +155,28 @@ pub struct Options<'a> {
     pub map: &'a [(String, String)],
     pub secret: Option<Vec<u8>>,
     pub journal: PathBuf,
+    /// Install the phase-two environment and its boot entry.
+    pub phase_two: bool,
+    /// The kernel command line phase one runs under (its consoles are kept).
+    pub cmdline: String,
+}
+
+/// What phase one did.
+pub struct Done {
+    /// The phase-two directory on the target, when installed.
+    pub phase_two: Option<PathBuf>,
 }
 
 /// Runs phase one; prints each step. Refuses before any write without consent.
-pub fn phase_one(m: &Manifest, o: &Options) -> Result<()> {
-    let src = match o.source {
-        Some(s) => source(s)?,
-        None => bail!("no backup source: give bmr.source= (tape:/dev/nst0, file:DIR or an http(s):// URL); nothing was written"),
+pub fn phase_one(m: &Manifest, o: &Options) -> Result<Done> {
+    let started = chain::now();
+    let Some(spec) = o.source else {
+        bail!("no backup source: give bmr.source= (tape:/dev/nst0, file:DIR, file:LABEL=X:/DIR or an http(s):// URL); nothing was written");
     };
+    // Mounted before planning, so the disk that holds it counts as in use.
+    let (src, _mounted) = open_source(spec)?;
+    let mut steps = Vec::new();
+    let t = Instant::now();
     let (targets, plan) =
         crate::targets::plan_here(m, &[], o.medium, o.map, Policy::default(), &mut |w| {
             println!("warning: {w}")
@@ -141,7 +219,13 @@ pub fn phase_one(m: &Manifest, o: &Options) -> Result<()> {
         "partition tables written: {}",
         plan.target_devices().join(", ")
     );
+    steps.push(chain::Step {
+        name: "plan and partition".into(),
+        seconds: t.elapsed().as_secs_f64(),
+        result: plan.target_devices().join(", "),
+    });
     for (v, img) in &work {
+        let t = Instant::now();
         let dev = Path::new(&v.target_device);
         println!(
             "restoring {} ({:?}) from {img} onto {}",
@@ -151,6 +235,11 @@ pub fn phase_one(m: &Manifest, o: &Options) -> Result<()> {
         );
         restore_one(img, dev, v.action, o.secret.as_deref())
             .with_context(|| format!("restoring volume {} onto {}", v.id, dev.display()))?;
+        steps.push(chain::Step {
+            name: format!("restore {}", v.id),
+            seconds: t.elapsed().as_secs_f64(),
+            result: format!("onto {}", dev.display()),
+        });
     }
     let later: Vec<&str> = plan
         .volumes
@@ -172,7 +261,39 @@ pub fn phase_one(m: &Manifest, o: &Options) -> Result<()> {
             format!("; left for phase two: {}", later.join(", "))
         }
     );
-    Ok(())
+    if !o.phase_two {
+        return Ok(Done { phase_two: None });
+    }
+    let t = Instant::now();
+    let mut state = chain::State {
+        source: spec.to_string(),
+        plan: plan.clone(),
+        firmware: chain::firmware_here(),
+        cmdline: o.cmdline.clone(),
+        started,
+        phase_one: steps,
+        warnings: plan.warnings.clone(),
+    };
+    let sys = chain::Mounted::new(m, &plan, Path::new("/run/bmr/target"))?;
+    let dir = chain::install(m, o.medium, &mut state, &sys)
+        .context("installing the phase-two environment on the target")?;
+    state.phase_one.push(chain::Step {
+        name: "phase-two environment".into(),
+        seconds: t.elapsed().as_secs_f64(),
+        result: dir.display().to_string(),
+    });
+    chain::write_state(&dir, &state)?;
+    drop(sys);
+    println!(
+        "phase two installed on {}: it starts at the next boot from that disk",
+        plan.volumes
+            .iter()
+            .find(|v| v.role.is_critical())
+            .map_or("the target", |v| v.target_disk.as_str())
+    );
+    Ok(Done {
+        phase_two: Some(dir),
+    })
 }
 
 fn restore_one(img: &str, dev: &Path, action: Action, secret: Option<&[u8]>) -> Result<()> {

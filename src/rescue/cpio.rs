@@ -4,7 +4,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -19,14 +19,20 @@ const S_IFCHR: u32 = 0o020000;
 /// /dev/console for init's stdio.
 const NODES: &[(&str, u32, u32, u32)] = &[("dev/console", 0o600, 5, 1), ("dev/null", 0o666, 1, 3)];
 
-fn walk(dir: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+/// With `device`, directories of other filesystems are kept as empty
+/// mount points: the running system's /proc, /sys and the target stay out.
+fn walk(dir: &Path, rel: &Path, device: Option<u64>, out: &mut Vec<PathBuf>) -> Result<()> {
     let mut entries: Vec<_> = fs::read_dir(dir)?.flatten().collect();
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let r = rel.join(e.file_name());
         out.push(r.clone());
         if e.file_type()?.is_dir() {
-            walk(&e.path(), &r, out)?;
+            let other = device
+                .is_some_and(|d| fs::symlink_metadata(e.path()).map_or(true, |m| m.dev() != d));
+            if !other {
+                walk(&e.path(), &r, device, out)?;
+            }
         }
     }
     Ok(())
@@ -36,7 +42,20 @@ fn walk(dir: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 /// uncompressed and compressed sizes.
 pub fn write(root: &Path, dest: &Path, level: i32) -> Result<(u64, u64)> {
     let mut paths = Vec::new();
-    walk(root, Path::new(""), &mut paths)?;
+    walk(root, Path::new(""), None, &mut paths)?;
+    write_paths(root, &paths, dest, level)
+}
+
+/// The running rescue system as an initramfs again, for phase two: the
+/// files of the root filesystem only, none of what is mounted on it.
+pub fn write_running(root: &Path, dest: &Path) -> Result<(u64, u64)> {
+    let dev = fs::metadata(root)?.dev();
+    let mut paths = Vec::new();
+    walk(root, Path::new(""), Some(dev), &mut paths)?;
+    write_paths(root, &paths, dest, 3)
+}
+
+fn write_paths(root: &Path, paths: &[PathBuf], dest: &Path, level: i32) -> Result<(u64, u64)> {
     let file = File::create(dest).with_context(|| format!("creating {}", dest.display()))?;
     let mut z = zstd::Encoder::new(BufWriter::new(file), level)?;
     // Two cores on the build machine: compress on both.
@@ -57,7 +76,7 @@ pub fn write(root: &Path, dest: &Path, level: i32) -> Result<(u64, u64)> {
             (major, minor),
         )?;
     }
-    for rel in &paths {
+    for rel in paths {
         let full = root.join(rel);
         let meta = fs::symlink_metadata(&full)?;
         let name = rel.to_string_lossy();

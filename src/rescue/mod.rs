@@ -189,6 +189,15 @@ pub fn build_initramfs(kernel: &Kernel, dest: &Path) -> Result<Built> {
     t.link(Path::new("/lib64"), "usr/lib64")?;
 
     bmr_itself(&mut t)?;
+    // Phase one carries the kernel to the target for phase two; the ISO it
+    // came from may be gone by then (direct kernel boot, PXE).
+    let image = fs::read(&kernel.image)
+        .with_context(|| format!("reading the kernel {}", kernel.image.display()))?;
+    t.write(
+        Path::new(crate::recover::chain::RESCUE_KERNEL),
+        &image,
+        0o644,
+    )?;
     let mut left_out = Vec::new();
     let list = lines(FILES_LIST);
     t.skip = list

@@ -1,0 +1,451 @@
+//! Phase two, booted from the restored disk: the remaining volumes and the
+//! manifest's commands, the catalog check, adaptation to the hardware found,
+//! the system's own boot loader back in place, the report, and the
+//! phase-two environment removed. Every step is journaled in the phase-two
+//! directory, so a power cut resumes at the step it interrupted.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use super::adapt;
+use super::chain::{self, Mounted, State, Step};
+use super::commands::{self, Outcome};
+use crate::apply::journal::{Journal, State as JournalState};
+use crate::manifest::{Command, Firmware, Manifest, OnError};
+use crate::plan::{Action, Plan};
+
+/// The report left on the restored system.
+pub const REPORT: &str = "var/log/bmr-recovery.json";
+const TARGET: &str = "/run/bmr/target";
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub machine: String,
+    /// ok, or errors when a non-critical step failed.
+    pub status: String,
+    pub started: String,
+    pub finished: String,
+    pub plan: Plan,
+    pub phase_one: Vec<Step>,
+    pub phase_two: Vec<Step>,
+    pub commands: Vec<Outcome>,
+    pub hardware: Vec<String>,
+    pub adaptation: Vec<String>,
+    pub catalog: Option<CatalogResult>,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CatalogResult {
+    pub checked: u64,
+    pub mismatches: Vec<String>,
+}
+
+/// Runs phase two from the medium copy in the phase-two directory; the
+/// caller reboots. `say` reaches every console.
+pub fn run(medium: &Path, m: &Manifest, lock: bool, say: &mut dyn FnMut(&str)) -> Result<Report> {
+    let dir = medium
+        .parent()
+        .context("the medium copy has no directory")?
+        .to_path_buf();
+    let mut state = chain::read_state(&dir)?;
+    let renamed = resolve_disks(&mut state.plan)?;
+    for (old, new) in &renamed {
+        say(&format!("{old} is now {new}"));
+    }
+    let plan_id = blake3::hash(&serde_json::to_vec(&state.plan)?)
+        .to_hex()
+        .to_string();
+    let mut journal = Journal::open(&dir.join(chain::JOURNAL), &plan_id)?;
+    if journal.resumed {
+        say(&format!(
+            "resuming phase two; done already: {}",
+            journal.record.steps.join(", ")
+        ));
+    }
+    let mut report = Report {
+        machine: m.system.hostname.clone(),
+        status: "ok".into(),
+        started: state.started.clone(),
+        finished: String::new(),
+        plan: state.plan.clone(),
+        phase_one: state.phase_one.clone(),
+        phase_two: Vec::new(),
+        commands: Vec::new(),
+        hardware: Vec::new(),
+        adaptation: Vec::new(),
+        catalog: None,
+        warnings: state.warnings.clone(),
+    };
+    let (source, _source_mount) = super::open_source(&state.source)?;
+    let sys = Mounted::new(m, &state.plan, Path::new(TARGET))?;
+
+    // 1. The remaining volumes, then the manifest's own commands: one runner,
+    // so timeouts, critical and on_error mean the same for both.
+    let restores = restore_commands(m, &state.plan, &source)?;
+    let mut cmds: Vec<&Command> = restores.iter().collect();
+    cmds.extend(commands::of_phase(&m.commands, 2));
+    let env = vec![
+        ("BMR_TARGET".to_string(), TARGET.to_string()),
+        ("BMR_SOURCE".to_string(), state.source.clone()),
+    ];
+    let done: Vec<u32> = journal
+        .record
+        .steps
+        .iter()
+        .filter_map(|s| s.strip_prefix("command:")?.parse().ok())
+        .collect();
+    let t = Instant::now();
+    let mut outcomes = Vec::new();
+    let mut journal_error = None;
+    let (ran, result) = commands::run_all(
+        &cmds,
+        &env,
+        Path::new("/"),
+        lock,
+        &|seq| done.contains(&seq),
+        &mut |o: &Outcome| {
+            outcomes.push(o.clone());
+            if o.status == commands::Status::Ok {
+                if let Err(e) = journal.record(&format!("command:{}", o.sequence)) {
+                    journal_error = Some(e);
+                }
+            }
+        },
+        &mut |_c, _o| crate::boot::pid1::shell(),
+        &mut |line| say(line),
+    );
+    drop(ran);
+    if let Some(e) = journal_error {
+        return Err(e);
+    }
+    report.commands = outcomes;
+    if report
+        .commands
+        .iter()
+        .any(|o| o.status != commands::Status::Ok)
+    {
+        report.status = "errors".into();
+    }
+    report.phase_two.push(Step {
+        name: "restore and commands".into(),
+        seconds: t.elapsed().as_secs_f64(),
+        result: match &result {
+            Ok(()) => format!("{} commands", report.commands.len()),
+            Err(e) => e.clone(),
+        },
+    });
+    if let Err(why) = result {
+        journal.finish(JournalState::Failed)?;
+        bail!("phase two stopped: {why}");
+    }
+
+    // 2. The catalog, before adaptation changes fstab and the initramfs.
+    let t = Instant::now();
+    if let Some(cat) = &m.catalog {
+        let data = crate::medium::read_file(medium, &cat.file)?;
+        let v = crate::capture::catalog::verify(&sys.root, &data)?;
+        say(&format!(
+            "catalog: {} files checked, {} differ",
+            v.checked,
+            v.mismatches.len()
+        ));
+        for x in &v.mismatches {
+            say(&format!("catalog: {x}"));
+            report.warnings.push(format!("catalog: {x}"));
+        }
+        report.catalog = Some(CatalogResult {
+            checked: v.checked,
+            mismatches: v.mismatches,
+        });
+        report.phase_two.push(step("catalog", t));
+    }
+
+    // 3. Adaptation to the hardware found.
+    let t = Instant::now();
+    let now = crate::probe::hardware::profile(Path::new("/sys"), Path::new("/proc"));
+    let diff = adapt::compare(&m.hardware, &now);
+    report.hardware = diff.lines();
+    for l in &report.hardware {
+        say(&format!("hardware: {l}"));
+    }
+    if !journal.done("adapt") {
+        report.adaptation = adapt_system(m, &state.plan, &sys.root, &diff, say)?;
+        journal.record("adapt")?;
+    }
+    report.phase_two.push(step("adapt", t));
+
+    // 4. The system's own boot loader, which ends the phase-two entry.
+    let t = Instant::now();
+    if !journal.done("bootloader") {
+        bootloader(&state, &sys.root, say)?;
+        journal.record("bootloader")?;
+    }
+    report.phase_two.push(step("bootloader", t));
+
+    report.finished = chain::now();
+    write_report(&sys.root, &report)?;
+    journal.finish(JournalState::Done)?;
+    drop(sys);
+    if let Err(e) = fs::remove_dir_all(&dir) {
+        say(&format!(
+            "warning: could not remove {}: {e}; it is no longer used",
+            dir.display()
+        ));
+    }
+    nix::unistd::sync();
+    Ok(report)
+}
+
+fn step(name: &str, t: Instant) -> Step {
+    Step {
+        name: name.into(),
+        seconds: t.elapsed().as_secs_f64(),
+        result: "done".into(),
+    }
+}
+
+/// Device names may differ after the reboot (another boot order, a slow
+/// controller): each target disk is found again by the table identity phase
+/// one wrote (GPT disk GUID or MBR signature) and the plan renamed.
+fn resolve_disks(plan: &mut Plan) -> Result<Vec<(String, String)>> {
+    let disks = crate::probe::disks::all().unwrap_or_default();
+    let mut renames = Vec::new();
+    for t in &mut plan.targets {
+        let wanted = (t.guid, t.signature.clone());
+        if wanted == (None, None) {
+            continue;
+        }
+        let found = disks.iter().find(|d| {
+            let table = crate::probe::table::read(Path::new(&d.device), d.logical_sector_size);
+            d.size_bytes == t.size_bytes
+                && ((t.guid.is_some() && table.guid == t.guid)
+                    || (t.signature.is_some() && table.signature == t.signature))
+        });
+        let Some(d) = found else {
+            bail!(
+                "the disk phase one wrote ({}, {}) is not here any more: reconnect it, or start again from the rescue ISO",
+                t.device,
+                crate::report::size(t.size_bytes)
+            );
+        };
+        if d.device != t.device {
+            renames.push((t.device.clone(), d.device.clone()));
+        }
+    }
+    for (old, new) in &renames {
+        let new_name = new.trim_start_matches("/dev/");
+        for t in &mut plan.targets {
+            if &t.device == old {
+                t.device = new.clone();
+                t.name = new_name.to_string();
+                for p in &mut t.partitions {
+                    p.device = format!(
+                        "/dev/{}",
+                        crate::probe::disks::partition_name(new_name, p.number)
+                    );
+                }
+            }
+        }
+        for v in &mut plan.volumes {
+            if &v.target_disk == old {
+                v.target_disk = new.clone();
+                v.target_device = format!(
+                    "/dev/{}",
+                    crate::probe::disks::partition_name(new_name, v.partition_number)
+                );
+            }
+        }
+    }
+    Ok(renames)
+}
+
+/// One command per volume left for phase two, run as this same binary.
+fn restore_commands(m: &Manifest, plan: &Plan, source: &super::Source) -> Result<Vec<Command>> {
+    let exe = std::env::current_exe()
+        .unwrap_or_else(|_| PathBuf::from("bmr"))
+        .display()
+        .to_string();
+    let mut out = Vec::new();
+    for (i, v) in plan
+        .volumes
+        .iter()
+        .filter(|v| !v.role.is_critical())
+        .filter(|v| matches!(v.action, Action::RestoreImage | Action::RestoreFiles))
+        .enumerate()
+    {
+        let img = super::image_of(
+            source,
+            m.volume(&v.id).and_then(|x| x.image.as_deref()),
+            &v.id,
+        )?;
+        let mut args = vec!["image".to_string(), "restore".to_string()];
+        if v.action == Action::RestoreFiles {
+            args.push("--files".into());
+        }
+        args.extend([
+            "--from".into(),
+            img,
+            "--device".into(),
+            v.target_device.clone(),
+        ]);
+        out.push(Command {
+            // Before any manifest command, which may depend on the data.
+            sequence: i as u32,
+            phase: 2,
+            critical: false,
+            timeout_secs: 24 * 3600,
+            program: exe.clone(),
+            args,
+            on_error: OnError::Continue,
+            description: format!("restore volume {} onto {}", v.id, v.target_device),
+        });
+    }
+    if let Some(c) = m
+        .commands
+        .iter()
+        .find(|c| c.phase == 2 && (c.sequence as usize) < out.len())
+    {
+        bail!(
+            "manifest command {} has a sequence number below {}, which phase two keeps for restoring volumes: renumber the manifest's commands from {}",
+            c.sequence,
+            out.len(),
+            out.len()
+        );
+    }
+    Ok(out)
+}
+
+/// Saved kernel device names → the UUID of the filesystem restored there,
+/// for the names that no longer point at it.
+fn moved_names(m: &Manifest, plan: &Plan) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for p in &m.partitions {
+        let (Some(vol), Some(disk)) = (p.volume.as_deref(), m.disk(&p.disk)) else {
+            continue;
+        };
+        let saved = format!(
+            "/dev/{}",
+            crate::probe::disks::partition_name(disk.device.trim_start_matches("/dev/"), p.number)
+        );
+        let Some(v) = plan.volumes.iter().find(|v| v.id == vol) else {
+            continue;
+        };
+        if v.uuid.is_empty() || v.target_device == saved {
+            continue;
+        }
+        out.insert(saved, v.uuid.clone());
+    }
+    out
+}
+
+fn adapt_system(
+    m: &Manifest,
+    plan: &Plan,
+    root: &Path,
+    diff: &adapt::Difference,
+    say: &mut dyn FnMut(&str),
+) -> Result<Vec<String>> {
+    let mut changes = Vec::new();
+    let moved = moved_names(m, plan);
+    for (file, rewrite) in [
+        (
+            "etc/fstab",
+            adapt::rewrite_fstab as fn(&str, &dyn Fn(&str) -> Option<String>) -> _,
+        ),
+        ("etc/crypttab", adapt::rewrite_crypttab),
+    ] {
+        let path = root.join(file);
+        let Ok(text) = fs::read_to_string(&path) else {
+            continue;
+        };
+        let (new, lines) = rewrite(&text, &|d: &str| moved.get(d).cloned());
+        if new != text {
+            let tmp = path.with_extension("bmr-tmp");
+            fs::write(&tmp, new)?;
+            fs::rename(&tmp, &path)?;
+        }
+        changes.extend(lines);
+    }
+    changes.extend(adapt::adapt_network(root, &diff.nics_renamed)?);
+    if diff.storage_changed() {
+        match adapt::initramfs_tool(root) {
+            Some((tool, argv)) => {
+                say(&format!(
+                    "storage controller changed: rebuilding the initramfs with the system's own {tool}"
+                ));
+                adapt::chroot_run(root, &argv)?;
+                changes.push(format!("initramfs rebuilt with {tool} for the new storage drivers"));
+            }
+            None => changes.push(
+                "storage controller changed, but the system has no initramfs tool bmr knows (update-initramfs, dracut, mkinitcpio): check that it boots".to_string(),
+            ),
+        }
+    }
+    for c in &changes {
+        say(&format!("adapted: {c}"));
+    }
+    Ok(changes)
+}
+
+/// The restored system's own GRUB onto the mapped disk, with its own tools
+/// in a chroot when it has them, else the rescue system's.
+fn bootloader(state: &State, root: &Path, say: &mut dyn FnMut(&str)) -> Result<()> {
+    if state.firmware == Firmware::Uefi {
+        bail!("reinstalling a UEFI boot loader is not implemented yet");
+    }
+    let boot = state
+        .plan
+        .volumes
+        .iter()
+        .find(|v| v.role == crate::manifest::Role::Boot)
+        .or_else(|| {
+            state
+                .plan
+                .volumes
+                .iter()
+                .find(|v| v.role == crate::manifest::Role::System)
+        })
+        .context("no boot or system volume in the plan")?;
+    let disk = boot.target_disk.clone();
+    let has = |p: &str| root.join(p).exists();
+    if has("usr/sbin/grub-install") || has("sbin/grub-install") {
+        say(&format!(
+            "boot loader: grub-install {disk} (the system's own)"
+        ));
+        adapt::chroot_run(
+            root,
+            &[
+                "grub-install".into(),
+                "--target=i386-pc".into(),
+                disk.clone(),
+            ],
+        )?;
+        if has("usr/sbin/update-grub") || has("sbin/update-grub") {
+            adapt::chroot_run(root, &["update-grub".into()])?;
+        }
+    } else {
+        say(&format!(
+            "boot loader: grub-install {disk} (the rescue system's)"
+        ));
+        crate::tool::run(
+            std::process::Command::new("grub-install")
+                .arg("--target=i386-pc")
+                .arg(format!("--boot-directory={}", root.join("boot").display()))
+                .arg(&disk),
+        )?;
+    }
+    Ok(())
+}
+
+fn write_report(root: &Path, report: &Report) -> Result<()> {
+    let path = root.join(REPORT);
+    fs::create_dir_all(root.join("var/log"))?;
+    fs::write(&path, serde_json::to_vec_pretty(report)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
