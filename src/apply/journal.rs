@@ -83,7 +83,12 @@ impl Journal {
         f.write_all(&serde_json::to_vec_pretty(&self.record)?)?;
         f.sync_all()?;
         fs::rename(&tmp, &self.path)
-            .with_context(|| format!("writing the journal {}", self.path.display()))
+            .with_context(|| format!("writing the journal {}", self.path.display()))?;
+        // The rename itself must survive a power cut, not only the bytes.
+        if let Some(dir) = self.path.parent() {
+            fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     }
 }
 

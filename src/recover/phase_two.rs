@@ -64,8 +64,12 @@ pub fn run(medium: &Path, m: &Manifest, lock: bool, say: &mut dyn FnMut(&str)) -
     let mut journal = Journal::open(&dir.join(chain::JOURNAL), &plan_id)?;
     if journal.resumed {
         say(&format!(
-            "resuming phase two; done already: {}",
-            journal.record.steps.join(", ")
+            "resuming phase two after an interruption; done already: {}",
+            if journal.record.steps.is_empty() {
+                "nothing".to_string()
+            } else {
+                journal.record.steps.join(", ")
+            }
         ));
     }
     let mut report = Report {
@@ -170,12 +174,15 @@ pub fn run(medium: &Path, m: &Manifest, lock: bool, say: &mut dyn FnMut(&str)) -
     let t = Instant::now();
     let now = crate::probe::hardware::profile(Path::new("/sys"), Path::new("/proc"));
     let diff = adapt::compare(&m.hardware, &now);
+    let moved = moved_disks(m, &state.plan);
     report.hardware = diff.lines();
+    report.hardware.extend(moved.iter().cloned());
     for l in &report.hardware {
         say(&format!("hardware: {l}"));
     }
     if !journal.done("adapt") {
-        report.adaptation = adapt_system(m, &state.plan, &sys.root, &diff, say)?;
+        let storage = diff.storage_changed() || !moved.is_empty();
+        report.adaptation = adapt_system(m, &state.plan, &sys.root, &diff, storage, say)?;
         journal.record("adapt")?;
     }
     report.phase_two.push(step("adapt", t));
@@ -250,6 +257,11 @@ fn resolve_disks(plan: &mut Plan) -> Result<Vec<(String, String)>> {
                         crate::probe::disks::partition_name(new_name, p.number)
                     );
                 }
+            }
+        }
+        for d in &mut plan.disks {
+            if &d.target == old {
+                d.target = new.clone();
             }
         }
         for v in &mut plan.volumes {
@@ -344,11 +356,33 @@ fn moved_names(m: &Manifest, plan: &Plan) -> HashMap<String, String> {
     out
 }
 
+/// Saved disks that now sit behind another kind of controller: the
+/// restored system's initramfs must carry the new one's driver, even when
+/// the machine still has a controller of the old kind for something else.
+fn moved_disks(m: &Manifest, plan: &Plan) -> Vec<String> {
+    plan.disks
+        .iter()
+        .filter_map(|d| {
+            let was = &m.disk(&d.saved)?.transport;
+            let now = crate::probe::disks::named(Path::new(&d.target))
+                .ok()?
+                .transport;
+            (!was.is_empty() && !now.is_empty() && *was != now).then(|| {
+                format!(
+                    "storage: {} was on {was}, is now on {now} ({})",
+                    d.saved, d.target
+                )
+            })
+        })
+        .collect()
+}
+
 fn adapt_system(
     m: &Manifest,
     plan: &Plan,
     root: &Path,
     diff: &adapt::Difference,
+    storage_changed: bool,
     say: &mut dyn FnMut(&str),
 ) -> Result<Vec<String>> {
     let mut changes = Vec::new();
@@ -373,7 +407,7 @@ fn adapt_system(
         changes.extend(lines);
     }
     changes.extend(adapt::adapt_network(root, &diff.nics_renamed)?);
-    if diff.storage_changed() {
+    if storage_changed {
         match adapt::initramfs_tool(root) {
             Some((tool, argv)) => {
                 say(&format!(
