@@ -1,7 +1,6 @@
 # bmr: the README's commands. `make test` is what CI runs.
 CARGO ?= cargo
 BMR := target/release/bmr
-DEMO := target/demo
 
 .PHONY: all build deps test lint demo iso qemu-test kernel bench fuzz clean
 
@@ -21,8 +20,10 @@ lint:
 test: deps lint
 	$(CARGO) test --locked -- --test-threads=2
 
-demo: deps build
-	scripts/demo $(BMR) $(DEMO)
+# A Debian machine backs itself up and is recovered unattended in QEMU onto
+# a different disk (tests/recovery.rs, its dissimilar scenario), timed.
+demo: deps
+	scripts/demo
 
 # bmr's image path against dd, partclone and restic on a deterministic volume.
 bench: deps build
@@ -38,6 +39,7 @@ iso: deps build
 # Every QEMU scenario in qemu-tests/scenarios, the long ones included.
 qemu-test: deps
 	BMR_QEMU_ALL=1 $(CARGO) test --locked --test qemu -- --nocapture --test-threads=1
+	BMR_RECOVERY_ALL=1 $(CARGO) test --locked --test recovery -- --nocapture
 
 # libFuzzer on the parsers of untrusted input (fuzz/), FUZZ_SECONDS each.
 # cargo-fuzz wants a nightly compiler; RUSTC_BOOTSTRAP lets the stable one

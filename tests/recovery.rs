@@ -1,9 +1,14 @@
-//! Recovery end to end, in QEMU (issue 6's scenarios): a real Debian source
-//! machine (scripts/build-source-machine) backs itself up with `bmr save`
-//! and `bmr backup` while it runs; the rescue system recovers it unattended
-//! onto a blank disk (phase one), the target disk boots phase two by itself,
-//! and finally the restored machine boots and checks its own files.
-//! Serial logs are kept in target/recovery-tests/.
+//! Recovery end to end, in QEMU (issue 6's scenarios): real Debian source
+//! machines (scripts/build-source-machine, one BIOS/MBR, one UEFI/GPT) back
+//! themselves up with `bmr save` and `bmr backup` while they run; the rescue
+//! system recovers them unattended onto blank disks (phase one), the target
+//! disk boots phase two by itself, and finally the restored machine boots
+//! from it and checks its own files.
+//!
+//! `make test` runs scenarios 6, 1 and 2 (with 5); BMR_RECOVERY_ALL=1 (`make
+//! qemu-test`) adds BIOS onto SATA; BMR_RECOVERY_ONLY=dissimilar (`make
+//! demo`) runs scenario 2 alone. Serial logs and summary.txt are kept in
+//! target/recovery-tests/.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -16,18 +21,22 @@ use std::time::{Duration, Instant};
 use common::qemu::*;
 use common::*;
 
-struct Machine {
+/// A source machine after it backed itself up.
+struct Source {
+    image: PathBuf,
+    /// The recovery medium `bmr save` wrote, a 1.44 MB floppy image.
+    floppy: PathBuf,
+    /// The disk labelled BMR-BACKUP: the task the machine ran, and for the
+    /// file backup the repository in /repo.
+    backup: PathBuf,
+}
+
+struct Machines {
     // Declared first: dropped (tgtd stopped) before its directory goes.
     tgt: Tgt,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     kernel: DebianKernel,
     initrd: PathBuf,
-    source: PathBuf,
-    backup: PathBuf,
-    /// The medium whose manifest names the images in the backup disk's repository.
-    medium_file: PathBuf,
-    /// The medium whose manifest names the tape set (written last, with st).
-    floppy: PathBuf,
     logs: PathBuf,
 }
 
@@ -36,7 +45,7 @@ fn keep_log(logs: &Path, name: &str, vm: &Qemu) {
 }
 
 /// Boots `cfg` until it powers off or reboots (QEMU runs with -no-reboot)
-/// and the console shows every line of `expect`.
+/// and checks the console showed every line of `expect`; its seconds.
 fn boot(logs: &Path, name: &str, cfg: &QemuConfig, expect: &[&str], limit: u64) -> f64 {
     let dir = logs.join(name);
     fs::create_dir_all(&dir).unwrap();
@@ -70,15 +79,12 @@ fn tail(log: &str) -> String {
     lines[lines.len().saturating_sub(50)..].join("\n")
 }
 
-/// The source machine, its backup made from inside it, and the rescue
-/// system's kernel and initramfs.
-fn machine() -> Machine {
+fn machines() -> Machines {
     let kernel = DebianKernel::find().expect("scripts/fetch-debian-kernel unpacks Debian's kernel");
     let logs = repo().join("target/recovery-tests");
     fs::create_dir_all(&logs).unwrap();
     let dir = tempfile::tempdir_in(repo().join("target")).unwrap();
-    let d = dir.path();
-    let initrd = d.join("initrd.img");
+    let initrd = dir.path().join("initrd.img");
     ok(bmr()
         .arg("mkrescue")
         .arg("--kernel")
@@ -87,20 +93,36 @@ fn machine() -> Machine {
         .arg(&initrd)
         .output()
         .unwrap());
+    let tgt = Tgt::start(dir.path(), 800);
+    Machines {
+        tgt,
+        dir,
+        kernel,
+        initrd,
+        logs,
+    }
+}
 
-    let source = d.join("source.img");
+/// Builds a source machine and boots it once: it runs `task` (bmr save and
+/// bmr backup) from its backup disk, as an administrator would.
+fn source(ms: &Machines, firmware: &str, task: &str, tape: bool) -> Source {
+    let d = ms.dir.path().join(firmware);
+    fs::create_dir_all(&d).unwrap();
+    let image = d.join("source.img");
     let t = Instant::now();
     {
         let _turn = serial();
         ok(Command::new(repo().join("scripts/build-source-machine"))
-            .arg(&source)
+            .arg(&image)
             .arg(env!("CARGO_BIN_EXE_bmr"))
+            .arg(firmware)
             .output()
             .unwrap());
     }
-    eprintln!("source machine built in {:.0} s", t.elapsed().as_secs_f64());
-
-    // The backup disk carries the task the source machine runs at boot.
+    eprintln!(
+        "{firmware} source machine built in {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
     let backup = d.join("backup.img");
     fs::File::create(&backup)
         .unwrap()
@@ -111,23 +133,15 @@ fn machine() -> Machine {
         .arg(&backup)
         .output()
         .unwrap());
-    let task = d.join("run.sh");
+    let script = d.join("run.sh");
     fs::write(
-        &task,
-        "set -e\n\
-         modprobe floppy\n\
-         modprobe st\n\
-         bmr save --medium /dev/fd0 --disk /dev/vda --driver st\n\
-         bmr backup --medium /dev/fd0 --to /mnt/backup/repo\n\
-         dd if=/dev/fd0 of=/mnt/backup/medium-file.img bs=18k\n\
-         bmr save --medium /dev/fd0 --disk /dev/vda --driver st\n\
-         bmr backup --medium /dev/fd0 --to tape:/dev/nst0\n\
-         echo BACKUP-OK\n",
+        &script,
+        format!("set -e\nmodprobe floppy\n{task}\necho BACKUP-OK\n"),
     )
     .unwrap();
     ok(Command::new("debugfs")
         .args(["-w", "-R"])
-        .arg(format!("write {} run.sh", task.display()))
+        .arg(format!("write {} run.sh", script.display()))
         .arg(&backup)
         .output()
         .unwrap());
@@ -138,21 +152,20 @@ fn machine() -> Machine {
         .arg("1440")
         .output()
         .unwrap());
-
-    let tgt = Tgt::start(d, 800);
-    let cfg = QemuConfig::new()
+    let mut cfg = QemuConfig::new()
         .memory_mb(1024)
-        .disk(
-            Disk::new(&source, Interface::Virtio)
-                .snapshot()
-                .bootindex(0),
-        )
+        .disk(Disk::new(&image, Interface::Virtio).snapshot().bootindex(0))
         .disk(Disk::new(&backup, Interface::Virtio))
-        .floppy(&floppy)
-        .tape(&tgt);
+        .floppy(&floppy);
+    if firmware == "uefi" {
+        cfg = cfg.uefi();
+    }
+    if tape {
+        cfg = cfg.tape(&ms.tgt);
+    }
     let secs = boot(
-        &logs,
-        "source-backup",
+        &ms.logs,
+        &format!("{firmware}-source-backup"),
         &cfg,
         &[
             "SYSTEM-CHECKSUMS-OK",
@@ -162,25 +175,11 @@ fn machine() -> Machine {
         ],
         600,
     );
-    eprintln!("source machine backed itself up in {secs:.0} s");
-    let medium_file = d.join("medium-file.img");
-    ok(Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("dump medium-file.img {}", medium_file.display()))
-        .arg(&backup)
-        .output()
-        .unwrap());
-    assert!(medium_file.metadata().unwrap().len() > 0);
-    Machine {
-        tgt,
-        medium_file,
-        _dir: dir,
-        kernel,
-        initrd,
-        source,
-        backup,
+    eprintln!("{firmware} source machine backed itself up in {secs:.0} s");
+    Source {
+        image,
         floppy,
-        logs,
+        backup,
     }
 }
 
@@ -211,177 +210,246 @@ fn recovery_scenarios() {
     if let Some(why) = vm_tools_missing() {
         panic!("{why}: scripts/setup-deps installs it");
     }
-    let m = machine();
+    let only = std::env::var("BMR_RECOVERY_ONLY").ok();
+    let all = std::env::var_os("BMR_RECOVERY_ALL").is_some();
+    let ms = machines();
     let work = tempfile::tempdir_in(repo().join("target")).unwrap();
-    // `make demo` runs only the dissimilar-hardware recovery.
-    let only_dissimilar = std::env::var("BMR_RECOVERY_ONLY").as_deref() == Ok("dissimilar");
     let mut summary = Vec::new();
-    if !only_dissimilar {
-        summary.push(same_size(&m, work.path()));
+    if only.as_deref() != Some("dissimilar") {
+        let bios = source(
+            &ms,
+            "bios",
+            "bmr save --medium /dev/fd0 --disk /dev/vda\n\
+             bmr backup --medium /dev/fd0 --to /mnt/backup/repo",
+            false,
+        );
+        summary.push(refused(&ms, &bios, work.path()));
+        summary.push(from_file(
+            &ms,
+            &bios,
+            work.path(),
+            Interface::Virtio,
+            1 << 30,
+        ));
+        // Scenario 3: a smaller disk that still holds the used data; both
+        // volumes come back file by file.
+        summary.push(from_file(
+            &ms,
+            &bios,
+            work.path(),
+            Interface::Virtio,
+            640 << 20,
+        ));
+        if all {
+            summary.push(from_file(&ms, &bios, work.path(), Interface::Sata, 2 << 30));
+        }
     }
-    summary.push(dissimilar(&m, work.path()));
+    let uefi = source(
+        &ms,
+        "uefi",
+        "modprobe virtio_scsi\n\
+         modprobe st\n\
+         for i in 1 2 3 4 5 6 7 8 9 10; do [ -e /dev/nst0 ] && break; sleep 1; done\n\
+         bmr save --medium /dev/fd0 --disk /dev/vda --driver st\n\
+         bmr backup --medium /dev/fd0 --to tape:/dev/nst0",
+        true,
+    );
+    summary.push(dissimilar(&ms, &uefi, work.path()));
     let text = summary.join("\n");
     eprintln!("\n{text}");
-    fs::write(m.logs.join("summary.txt"), format!("{text}\n")).unwrap();
+    fs::write(ms.logs.join("summary.txt"), format!("{text}\n")).unwrap();
 }
 
-/// The rescue system booted unattended with the file source, a target disk,
-/// the backup disk and the medium whose manifest names the file images.
-fn rescue(m: &Machine, append: &str, target: &Path) -> QemuConfig<'static> {
+/// The rescue system booted unattended from the file source on the backup
+/// disk, with a target disk and the medium in the floppy drive.
+fn rescue<'t>(ms: &Machines, src: &Source, append: &str, target: Disk) -> QemuConfig<'t> {
     QemuConfig::new()
         .memory_mb(1024)
         .kernel(
-            &m.kernel.vmlinuz,
-            Some(&m.initrd),
+            &ms.kernel.vmlinuz,
+            Some(&ms.initrd),
             &format!(
                 "console=ttyS0,115200 bmr.mode=auto bmr.source=file:LABEL=BMR-BACKUP:/repo {append}"
             ),
         )
-        .disk(Disk::new(target, Interface::Virtio))
-        .disk(Disk::new(&m.backup, Interface::Virtio).snapshot())
-        .floppy(&m.medium_file)
+        .disk(target)
+        .disk(Disk::new(&src.backup, Interface::Virtio).snapshot())
+        .floppy(&src.floppy)
 }
 
-/// Scenarios 6 and 1: refused without bmr.wipe; then BIOS/MBR onto a disk
-/// of the same size from the file source.
-fn same_size(m: &Machine, work: &Path) -> String {
-    // Scenario 6: unattended without bmr.wipe refuses and writes nothing.
+/// Scenario 6: unattended without bmr.wipe refuses and writes nothing.
+fn refused(ms: &Machines, src: &Source, work: &Path) -> String {
     let target = blank(work, "refused.img", 1 << 30);
-    let cfg = rescue(m, "", &target);
-    let dir = m.logs.join("no-wipe");
+    let cfg = rescue(ms, src, "", Disk::new(&target, Interface::Virtio));
+    let dir = ms.logs.join("no-wipe");
     fs::create_dir_all(&dir).unwrap();
     let vm = Qemu::start(&dir, &cfg);
     let seen = vm.wait_for("unattended recovery stopped", Duration::from_secs(300));
-    keep_log(&m.logs, "no-wipe", &vm);
+    keep_log(&ms.logs, "no-wipe", &vm);
     seen.unwrap();
     assert!(
         vm.log().contains("allow that with bmr.wipe="),
         "{}",
         tail(&vm.log())
     );
+    let secs = vm.elapsed().as_secs_f64();
     drop(vm);
     assert!(
         all_zero(&target),
         "the refused run wrote to the target disk"
     );
+    format!("no bmr.wipe (BIOS): refused after {secs:.0} s, the target disk still all zeros")
+}
 
-    // Scenario 1: BIOS/MBR onto a disk of the same size, from the file
-    // source, unattended, through both phases.
-    let target = blank(work, "target.img", fs::metadata(&m.source).unwrap().len());
+/// Scenario 1 (virtio, same size) and BIOS onto a larger SATA disk: BIOS/MBR
+/// from the file source, unattended, through both phases.
+fn from_file(ms: &Machines, src: &Source, work: &Path, iface: Interface, size: u64) -> String {
+    let name = format!("bios-{iface:?}-{}m", size >> 20).to_lowercase();
+    let saved = fs::metadata(&src.image).unwrap().len();
+    let files = size < saved;
+    let target = blank(work, &format!("{name}.img"), size);
+    let dev = if iface == Interface::Virtio {
+        "/dev/vda"
+    } else {
+        "/dev/sda"
+    };
     let one = boot(
-        &m.logs,
-        "phase-one",
-        &rescue(m, "bmr.wipe=all", &target),
-        &["phase two installed on /dev/vda", "BMR-PHASE-ONE-DONE"],
+        &ms.logs,
+        &format!("{name}-phase-one"),
+        &rescue(ms, src, "bmr.wipe=all", Disk::new(&target, iface)),
+        &[
+            &format!("phase two installed on {dev}"),
+            if files {
+                "root         system  restore-files"
+            } else {
+                "root         system  restore-image"
+            },
+            "BMR-PHASE-ONE-DONE",
+        ],
         900,
     );
     // No ISO, no medium: the target disk boots phase two by itself.
     let cfg = QemuConfig::new()
         .memory_mb(1024)
-        .disk(Disk::new(&target, Interface::Virtio))
-        .disk(Disk::new(&m.backup, Interface::Virtio).snapshot());
+        .disk(Disk::new(&target, iface))
+        .disk(Disk::new(&src.backup, Interface::Virtio).snapshot());
     let two = boot(
-        &m.logs,
-        "phase-two",
+        &ms.logs,
+        &format!("{name}-phase-two"),
         &cfg,
         &[
             "recovery of srcmachine: phase two",
+            if files {
+                "image restore --files"
+            } else {
+                "image restore --from"
+            },
             "BMR-RECOVERY-DONE status=ok",
         ],
         900,
     );
     let cfg = QemuConfig::new()
         .memory_mb(1024)
-        .disk(Disk::new(&target, Interface::Virtio));
+        .disk(Disk::new(&target, iface));
     let restored = boot(
-        &m.logs,
-        "restored",
+        &ms.logs,
+        &format!("{name}-restored"),
         &cfg,
         &[
-            "SOURCE-MACHINE srcmachine up",
+            &format!("SOURCE-MACHINE srcmachine up on {dev}1"),
             "SYSTEM-CHECKSUMS-OK",
             "DATA-CHECKSUMS-OK",
         ],
         300,
     );
     format!(
-        "same disk size, file source (BIOS/MBR, virtio): phase one {one:.0} s, phase two {two:.0} s, total {:.0} s; the restored machine booted and verified its files in {restored:.0} s",
+        "BIOS/MBR onto {} {iface:?} disk, file source: phase one {one:.0} s, phase two {two:.0} s, total {:.0} s; the restored machine booted and verified its files in {restored:.0} s",
+        match size.cmp(&saved) {
+            std::cmp::Ordering::Equal => "a same-size",
+            std::cmp::Ordering::Greater => "a larger",
+            std::cmp::Ordering::Less => "a smaller (files restored one by one)",
+        },
         one + two
     )
 }
 
-/// Scenarios 2 (BIOS variant) and 5: from the tape onto a larger disk
-/// behind another controller, with a power cut in phase two.
-fn dissimilar(m: &Machine, work: &Path) -> String {
-    // Scenario 2 (BIOS variant): onto a larger disk behind another
-    // controller (virtio before, SATA now), everything from the tape, the
-    // data volume in phase two with the st driver from the medium; the
-    // power is cut while phase two restores, and it resumes.
-    let target = blank(work, "sata.img", 2 << 30);
+/// Scenarios 2 and 5: UEFI/GPT from the tape onto a larger disk behind
+/// another controller (virtio before, NVMe now), the data volume restored in
+/// phase two with the st driver from the medium, and the power cut while
+/// phase two restores: it resumes.
+fn dissimilar(ms: &Machines, src: &Source, work: &Path) -> String {
+    let target = blank(work, "nvme.img", 2 << 30);
+    let nvram = work.join("nvme-OVMF_VARS.fd");
     let cfg = QemuConfig::new()
         .memory_mb(1024)
+        .nvram(&nvram)
         .kernel(
-            &m.kernel.vmlinuz,
-            Some(&m.initrd),
+            &ms.kernel.vmlinuz,
+            Some(&ms.initrd),
             "console=ttyS0,115200 bmr.mode=auto bmr.source=tape:/dev/nst0 bmr.wipe=all",
         )
-        .disk(Disk::new(&target, Interface::Sata))
-        .floppy(&m.floppy)
-        .tape(&m.tgt);
+        .disk(Disk::new(&target, Interface::Nvme).serial("bmr-new-disk"))
+        .floppy(&src.floppy)
+        .tape(&ms.tgt);
     let one = boot(
-        &m.logs,
-        "tape-phase-one",
+        &ms.logs,
+        "uefi-phase-one",
         &cfg,
         &[
             "driver st loaded from the medium",
-            "phase two installed on /dev/sda",
+            "phase two installed on /dev/nvme0n1",
             "BMR-PHASE-ONE-DONE",
         ],
         900,
     );
+    // The firmware's boot entry, not a boot order of the test's, starts
+    // phase two: the same NVRAM, only the disk and the tape attached.
     let cfg = QemuConfig::new()
         .memory_mb(1024)
-        .disk(Disk::new(&target, Interface::Sata))
-        .tape(&m.tgt);
-    let dir = m.logs.join("tape-phase-two-cut");
+        .nvram(&nvram)
+        .disk(Disk::new(&target, Interface::Nvme).serial("bmr-new-disk"))
+        .tape(&ms.tgt);
+    let dir = ms.logs.join("uefi-phase-two-cut");
     fs::create_dir_all(&dir).unwrap();
     let t = Instant::now();
     let vm = Qemu::start(&dir, &cfg);
-    let cut = vm.wait_for("restoring /dev/sda2", Duration::from_secs(600));
-    keep_log(&m.logs, "tape-phase-two-cut", &vm);
+    let cut = vm.wait_for("restoring /dev/nvme0n1p3", Duration::from_secs(600));
+    keep_log(&ms.logs, "uefi-phase-two-cut", &vm);
     cut.unwrap();
     drop(vm); // the power cut
     let cut_after = t.elapsed().as_secs_f64();
     let two = boot(
-        &m.logs,
-        "tape-phase-two",
+        &ms.logs,
+        "uefi-phase-two",
         &cfg,
         &[
             "resuming phase two after an interruption",
             "driver st loaded from the medium",
-            "hardware: storage: disk0 was on virtio, is now on",
-            "adapted: /etc/fstab",
+            "hardware: storage: disk0 was on virtio, is now on nvme",
+            "adapted: /etc/fstab: /dev/vda3",
             "rebuilding the initramfs with the system's own update-initramfs",
+            "boot loader: grub-install --target=x86_64-efi",
             "BMR-RECOVERY-DONE status=ok",
         ],
         900,
     );
     let cfg = QemuConfig::new()
         .memory_mb(1024)
-        .disk(Disk::new(&target, Interface::Sata));
+        .nvram(&nvram)
+        .disk(Disk::new(&target, Interface::Nvme).serial("bmr-new-disk"));
     let restored = boot(
-        &m.logs,
-        "tape-restored",
+        &ms.logs,
+        "uefi-restored",
         &cfg,
         &[
-            "SOURCE-MACHINE srcmachine up on /dev/sda1",
+            "SOURCE-MACHINE srcmachine up on /dev/nvme0n1p2",
             "SYSTEM-CHECKSUMS-OK",
             "DATA-CHECKSUMS-OK",
         ],
         300,
     );
     format!(
-        "larger SATA disk, tape source, power cut in phase two (BIOS/MBR, virtio -> SATA): phase one {one:.0} s, phase two {:.0} s (cut after {cut_after:.0} s, resumed and finished in {two:.0} s), total {:.0} s; the restored machine booted and verified its files in {restored:.0} s",
+        "UEFI/GPT onto a larger NVMe disk (was virtio), tape source, power cut in phase two: phase one {one:.0} s, phase two {:.0} s (cut after {cut_after:.0} s, resumed and finished in {two:.0} s), total {:.0} s; the restored machine booted and verified its files in {restored:.0} s",
         cut_after + two,
         one + cut_after + two
     )

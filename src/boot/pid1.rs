@@ -51,6 +51,21 @@ pub fn mount_pseudo() -> Vec<String> {
             Err(e) => problems.push(format!("mounting {fstype} on {at}: {e}")),
         }
     }
+    // UEFI boot entries (phase two's, and the system's own at the end)
+    // live in the firmware's variables.
+    let efivars = "/sys/firmware/efi/efivars";
+    if Path::new(efivars).is_dir() {
+        match mount(
+            Some("efivarfs"),
+            efivars,
+            Some("efivarfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        ) {
+            Ok(()) | Err(nix::errno::Errno::EBUSY) => {}
+            Err(e) => problems.push(format!("mounting efivarfs on {efivars}: {e}")),
+        }
+    }
     let _ = fs::create_dir_all(LOG_DIR);
     problems
 }

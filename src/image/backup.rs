@@ -172,24 +172,48 @@ pub fn backup(o: &BackupOptions) -> Result<Vec<Done>> {
                 let _unblock = scopeguard(move || {
                     let _ = signals.thread_unblock();
                 });
-                crate::sys::freeze_fs(f.as_fd()).with_context(|| {
-                    format!(
-                        "freezing {} (use --consistency none to image it unfrozen)",
-                        dir.display()
-                    )
-                })?;
-                let start = Instant::now();
-                let result = make(&mut tape, &opts);
-                let thawed = crate::sys::thaw_fs(f.as_fd());
-                let frozen = start.elapsed().as_secs_f64();
-                thawed.with_context(|| {
-                    format!(
-                        "thawing {}: run fsfreeze -u {}",
-                        dir.display(),
-                        dir.display()
-                    )
-                })?;
-                (result?, format!("frozen {frozen:.1} s while read"))
+                match crate::sys::freeze_fs(f.as_fd()) {
+                    // Not every filesystem can freeze (vfat: an ESP). Unless
+                    // freezing was asked for, it is read mounted, watched.
+                    Err(e)
+                        if o.consistency.is_none()
+                            && e.raw_os_error() == Some(nix::libc::EOPNOTSUPP) =>
+                    {
+                        eprintln!(
+                            "warning: {id} ({}) cannot be frozen ({e}); reading it while mounted",
+                            dir.display()
+                        );
+                        let watched = CreateOptions {
+                            watch: mounted.clone(),
+                            ..opts
+                        };
+                        let c = make(&mut tape, &watched)?;
+                        let how = format!("read while mounted, its filesystem cannot freeze: {} files changed meanwhile, listed in the image", c.exceptions.len());
+                        (c, how)
+                    }
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!(
+                                "freezing {} (use --consistency none to image it unfrozen)",
+                                dir.display()
+                            )
+                        })
+                    }
+                    Ok(()) => {
+                        let start = Instant::now();
+                        let result = make(&mut tape, &opts);
+                        let thawed = crate::sys::thaw_fs(f.as_fd());
+                        let frozen = start.elapsed().as_secs_f64();
+                        thawed.with_context(|| {
+                            format!(
+                                "thawing {}: run fsfreeze -u {}",
+                                dir.display(),
+                                dir.display()
+                            )
+                        })?;
+                        (result?, format!("frozen {frozen:.1} s while read"))
+                    }
+                }
             }
             None if mounted.is_some() => {
                 let watched = CreateOptions {

@@ -171,9 +171,6 @@ pub fn install(m: &Manifest, medium: &Path, state: &mut State, sys: &Mounted) ->
             firmware
         );
     }
-    if firmware == Firmware::Uefi {
-        bail!("a UEFI boot entry for phase two is not implemented yet; the boot and system volumes are restored, run the remaining steps by hand");
-    }
     let kernel = Path::new(RESCUE_KERNEL);
     if !kernel.is_file() {
         bail!("{RESCUE_KERNEL} is missing: phase two needs the rescue system's kernel, so run recovery from the rescue ISO (bmr mkrescue), or pass --no-phase-two");
@@ -207,7 +204,23 @@ pub fn install(m: &Manifest, medium: &Path, state: &mut State, sys: &Mounted) ->
     write_state(&dir, state)?;
 
     let disk = &boot.target_disk;
-    grub_bios(&dir, disk, &boot.uuid, &within, &state.cmdline)?;
+    match firmware {
+        Firmware::Bios => grub_bios(&dir, disk)?,
+        Firmware::Uefi => grub_uefi(&dir, &esp_mount(m, &state.plan, sys)?)?,
+    }
+    let system_cfg = Path::new(&within)
+        .parent()
+        .map(|p| p.join("grub/grub.cfg"))
+        .unwrap_or_else(|| PathBuf::from("/boot/grub/grub.cfg"));
+    fs::write(
+        dir.join("grub/grub.cfg"),
+        grub_cfg(
+            &boot.uuid,
+            &within,
+            &state.cmdline,
+            &system_cfg.display().to_string(),
+        ),
+    )?;
     nix::unistd::sync();
     Ok(dir)
 }
@@ -233,7 +246,7 @@ pub fn read_state(dir: &Path) -> Result<State> {
 /// GRUB for BIOS into the target disk's boot track, with its prefix in the
 /// phase-two directory: the system's own /boot/grub stays untouched, and a
 /// second entry still reaches it.
-fn grub_bios(dir: &Path, disk: &str, uuid: &str, within: &str, cmdline: &str) -> Result<()> {
+fn grub_bios(dir: &Path, disk: &str) -> Result<()> {
     crate::tool::run(
         std::process::Command::new("grub-install")
             .args([
@@ -245,15 +258,43 @@ fn grub_bios(dir: &Path, disk: &str, uuid: &str, within: &str, cmdline: &str) ->
             .arg(disk),
     )
     .with_context(|| format!("installing GRUB for phase two on {disk}"))?;
-    let system_cfg = Path::new(within)
-        .parent()
-        .map(|p| p.join("grub/grub.cfg"))
-        .unwrap_or_else(|| PathBuf::from("/boot/grub/grub.cfg"));
-    fs::write(
-        dir.join("grub/grub.cfg"),
-        grub_cfg(uuid, within, cmdline, &system_cfg.display().to_string()),
-    )?;
     Ok(())
+}
+
+/// The NVRAM entry (and ESP directory) phase two boots through; grub-install
+/// puts it first in BootOrder. Phase two removes both.
+pub const EFI_ID: &str = "bmr-phase2";
+
+/// GRUB for UEFI in its own ESP directory, registered first in BootOrder,
+/// with its prefix in the phase-two directory.
+fn grub_uefi(dir: &Path, esp: &Path) -> Result<()> {
+    crate::tool::run(
+        std::process::Command::new("grub-install")
+            .args([
+                "--target=x86_64-efi",
+                "--modules=part_gpt part_msdos ext2 fat search_fs_uuid",
+            ])
+            .arg(format!("--efi-directory={}", esp.display()))
+            .arg(format!("--boot-directory={}", dir.display()))
+            .arg(format!("--bootloader-id={EFI_ID}")),
+    )
+    .context("installing GRUB for phase two in the EFI system partition and its boot entry")?;
+    Ok(())
+}
+
+/// Where the restored ESP is mounted.
+fn esp_mount(m: &Manifest, plan: &Plan, sys: &Mounted) -> Result<PathBuf> {
+    let v = plan
+        .volumes
+        .iter()
+        .find(|v| v.role == Role::Esp)
+        .context("a UEFI system needs an EFI system partition, and the plan restores none")?;
+    let mp = m
+        .volume(&v.id)
+        .map(|x| x.mountpoint.trim_start_matches('/').to_string())
+        .filter(|mp| !mp.is_empty())
+        .context("the EFI system partition has no mount point in the manifest")?;
+    Ok(sys.root.join(mp))
 }
 
 pub fn grub_cfg(uuid: &str, within: &str, cmdline: &str, system_cfg: &str) -> String {

@@ -427,54 +427,89 @@ fn adapt_system(
     Ok(changes)
 }
 
-/// The restored system's own GRUB onto the mapped disk, with its own tools
-/// in a chroot when it has them, else the rescue system's.
+/// The restored system's own GRUB onto the mapped disk (BIOS) or into its
+/// ESP with its own NVRAM entry first (UEFI), with its own tools in a chroot
+/// when it has them, else the rescue system's. Ends the phase-two entry.
 fn bootloader(state: &State, root: &Path, say: &mut dyn FnMut(&str)) -> Result<()> {
-    if state.firmware == Firmware::Uefi {
-        bail!("reinstalling a UEFI boot loader is not implemented yet");
-    }
-    let boot = state
-        .plan
-        .volumes
-        .iter()
-        .find(|v| v.role == crate::manifest::Role::Boot)
-        .or_else(|| {
-            state
-                .plan
-                .volumes
-                .iter()
-                .find(|v| v.role == crate::manifest::Role::System)
-        })
+    let role = |r| state.plan.volumes.iter().find(move |v| v.role == r);
+    let boot = role(crate::manifest::Role::Boot)
+        .or_else(|| role(crate::manifest::Role::System))
         .context("no boot or system volume in the plan")?;
     let disk = boot.target_disk.clone();
-    let has = |p: &str| root.join(p).exists();
-    if has("usr/sbin/grub-install") || has("sbin/grub-install") {
+    let has = |p: &str| root.join("usr").join(p).exists() || root.join(p).exists();
+    let own = has("sbin/grub-install");
+    let mut argv: Vec<String> = vec!["grub-install".into()];
+    match state.firmware {
+        Firmware::Bios => argv.extend(["--target=i386-pc".into(), disk.clone()]),
+        Firmware::Uefi => argv.extend([
+            "--target=x86_64-efi".into(),
+            "--efi-directory=/boot/efi".into(),
+            "--bootloader-id=debian".into(),
+        ]),
+    }
+    if own {
         say(&format!(
-            "boot loader: grub-install {disk} (the system's own)"
+            "boot loader: {} (the system's own)",
+            argv.join(" ")
         ));
-        adapt::chroot_run(
-            root,
-            &[
-                "grub-install".into(),
-                "--target=i386-pc".into(),
-                disk.clone(),
-            ],
-        )?;
-        if has("usr/sbin/update-grub") || has("sbin/update-grub") {
+        adapt::chroot_run(root, &argv)?;
+        if has("sbin/update-grub") {
             adapt::chroot_run(root, &["update-grub".into()])?;
         }
     } else {
         say(&format!(
-            "boot loader: grub-install {disk} (the rescue system's)"
+            "boot loader: {} (the rescue system's)",
+            argv.join(" ")
         ));
-        crate::tool::run(
-            std::process::Command::new("grub-install")
-                .arg("--target=i386-pc")
-                .arg(format!("--boot-directory={}", root.join("boot").display()))
-                .arg(&disk),
-        )?;
+        let mut cmd = std::process::Command::new("grub-install");
+        cmd.arg(format!("--boot-directory={}", root.join("boot").display()));
+        for a in &argv[1..] {
+            match a.strip_prefix("--efi-directory=") {
+                Some(d) => cmd.arg(format!(
+                    "--efi-directory={}",
+                    root.join(d.trim_start_matches('/')).display()
+                )),
+                None => cmd.arg(a),
+            };
+        }
+        crate::tool::run(&mut cmd)?;
+    }
+    if state.firmware == Firmware::Uefi {
+        remove_efi_entry(root, say);
     }
     Ok(())
+}
+
+/// Phase two's NVRAM entry and ESP directory; what cannot be removed is
+/// said, not fatal: the system's own entry is first in BootOrder by now.
+fn remove_efi_entry(root: &Path, say: &mut dyn FnMut(&str)) {
+    let listing =
+        crate::tool::run(&mut std::process::Command::new("efibootmgr")).unwrap_or_default();
+    for num in efi_entries(&listing, chain::EFI_ID) {
+        if let Err(e) =
+            crate::tool::run(std::process::Command::new("efibootmgr").args(["-b", &num, "-B"]))
+        {
+            say(&format!(
+                "warning: could not remove boot entry Boot{num}: {e:#}"
+            ));
+        }
+    }
+    let _ = fs::remove_dir_all(root.join("boot/efi/EFI").join(chain::EFI_ID));
+}
+
+/// Boot entry numbers labelled `label` in `efibootmgr` output.
+pub fn efi_entries(listing: &str, label: &str) -> Vec<String> {
+    listing
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("Boot")?;
+            let (num, name) = rest.split_once(['*', ' '])?;
+            (num.len() == 4
+                && num.chars().all(|c| c.is_ascii_hexdigit())
+                && name.trim_start_matches('*').trim().starts_with(label))
+            .then(|| num.to_string())
+        })
+        .collect()
 }
 
 fn write_report(root: &Path, report: &Report) -> Result<()> {
@@ -482,4 +517,20 @@ fn write_report(root: &Path, report: &Report) -> Result<()> {
     fs::create_dir_all(root.join("var/log"))?;
     fs::write(&path, serde_json::to_vec_pretty(report)?)
         .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_phase_two_boot_entries() {
+        let listing = "BootCurrent: 0004\nTimeout: 0 seconds\nBootOrder: 0004,0001,0000\n\
+            Boot0000* UiApp\tFvVol(7cb8bdc9)/FvFile(462caa21)\n\
+            Boot0001* UEFI QEMU HARDDISK\tPciRoot(0x0)/Pci(0x2,0x0)\n\
+            Boot0004* bmr-phase2\tHD(1,GPT,0e1c3b2a,0x800,0x20000)/File(\\EFI\\bmr-phase2\\grubx64.efi)\n\
+            Boot000A  bmr-phase2\tHD(1,GPT,0e1c3b2a,0x800,0x20000)\n";
+        assert_eq!(efi_entries(listing, "bmr-phase2"), ["0004", "000A"]);
+        assert!(efi_entries(listing, "debian").is_empty());
+    }
 }

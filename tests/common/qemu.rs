@@ -505,6 +505,10 @@ pub struct QemuConfig<'t> {
     pub user_network: bool,
     /// More QEMU arguments, appended as they are.
     pub extra: Vec<String>,
+    /// The machine's own OVMF variable store, kept across boots (boot
+    /// entries written by one boot are seen by the next); made from OVMF's
+    /// template when missing. Without it every boot starts from the template.
+    pub nvram: Option<PathBuf>,
 }
 
 impl Default for QemuConfig<'_> {
@@ -520,6 +524,7 @@ impl Default for QemuConfig<'_> {
             tape: None,
             user_network: false,
             extra: Vec::new(),
+            nvram: None,
         }
     }
 }
@@ -533,6 +538,11 @@ impl<'t> QemuConfig<'t> {
     pub fn firmware(mut self, firmware: Firmware) -> Self {
         self.firmware = firmware;
         self
+    }
+
+    pub fn nvram(mut self, vars: &Path) -> Self {
+        self.nvram = Some(vars.to_path_buf());
+        self.uefi()
     }
 
     pub fn uefi(self) -> Self {
@@ -752,8 +762,11 @@ impl<'t> Qemu<'t> {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let serial_log = dir.join(format!("qemu{n}-serial.log"));
         let stderr_log = dir.join(format!("qemu{n}-stderr.log"));
-        let ovmf_vars = dir.join(format!("qemu{n}-OVMF_VARS.fd"));
-        if config.firmware == Firmware::Uefi {
+        let ovmf_vars = match &config.nvram {
+            Some(v) => v.clone(),
+            None => dir.join(format!("qemu{n}-OVMF_VARS.fd")),
+        };
+        if config.firmware == Firmware::Uefi && !(config.nvram.is_some() && ovmf_vars.exists()) {
             fs::copy(ovmf_files().1, &ovmf_vars).expect("copying OVMF_VARS");
         }
         File::create(&serial_log).expect("creating the serial log");
