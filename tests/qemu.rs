@@ -135,17 +135,7 @@ fn fixtures() -> Fixtures {
     let iso = d.join("bmr-rescue.iso");
     let initrd = d.join("initrd.img");
     let t = Instant::now();
-    ok(bmr()
-        .arg("mkrescue")
-        .arg("--kernel")
-        .arg(&kernel.vmlinuz)
-        .arg("--initramfs")
-        .arg(&initrd)
-        .arg("--iso")
-        .arg(&iso)
-        .args(["--timeout", "1"])
-        .output()
-        .unwrap());
+    mkrescue(&kernel, &initrd, Some(&iso));
     eprintln!("mkrescue: {:.1} s", t.elapsed().as_secs_f64());
 
     let foreign = foreign_release(&kernel.version);

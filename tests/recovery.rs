@@ -85,14 +85,7 @@ fn machines() -> Machines {
     fs::create_dir_all(&logs).unwrap();
     let dir = tempfile::tempdir_in(repo().join("target")).unwrap();
     let initrd = dir.path().join("initrd.img");
-    ok(bmr()
-        .arg("mkrescue")
-        .arg("--kernel")
-        .arg(&kernel.vmlinuz)
-        .arg("--initramfs")
-        .arg(&initrd)
-        .output()
-        .unwrap());
+    mkrescue(&kernel, &initrd, None);
     let tgt = Tgt::start(dir.path(), 800);
     Machines {
         tgt,
@@ -105,8 +98,9 @@ fn machines() -> Machines {
 
 /// Builds a source machine and boots it once: it runs `task` (bmr save and
 /// bmr backup) from its backup disk, as an administrator would.
-fn source(ms: &Machines, firmware: &str, task: &str, tape: bool) -> Source {
-    let d = ms.dir.path().join(firmware);
+fn source(ms: &Machines, variant: &str, task: &str, tape: bool) -> Source {
+    let firmware = variant.split('-').next().unwrap();
+    let d = ms.dir.path().join(variant);
     fs::create_dir_all(&d).unwrap();
     let image = d.join("source.img");
     let t = Instant::now();
@@ -115,14 +109,15 @@ fn source(ms: &Machines, firmware: &str, task: &str, tape: bool) -> Source {
         ok(Command::new(repo().join("scripts/build-source-machine"))
             .arg(&image)
             .arg(env!("CARGO_BIN_EXE_bmr"))
-            .arg(firmware)
+            .arg(variant)
             .output()
             .unwrap());
     }
     eprintln!(
-        "{firmware} source machine built in {:.0} s",
+        "{variant} source machine built in {:.0} s",
         t.elapsed().as_secs_f64()
     );
+    let data = (variant == "bios-two-disks").then(|| d.join("source-data.img"));
     let backup = d.join("backup.img");
     fs::File::create(&backup)
         .unwrap()
@@ -145,6 +140,22 @@ fn source(ms: &Machines, firmware: &str, task: &str, tape: bool) -> Source {
         .arg(&backup)
         .output()
         .unwrap());
+    // A third-party program for phase two, as seed 000's [COMMANDS] allows.
+    let commands = d.join("commands.toml");
+    fs::write(
+        &commands,
+        "[[commands]]\nsequence = 10\nphase = 2\ncritical = false\ntimeout_secs = 60\n\
+         program = \"/bin/sh\"\n\
+         args = [\"-c\", \"echo third-party restore ran in $BMR_TARGET > $BMR_TARGET/var/log/third-party.txt && cat $BMR_TARGET/var/log/third-party.txt\"]\n\
+         on_error = \"continue\"\ndescription = \"a third-party restore program\"\n",
+    )
+    .unwrap();
+    ok(Command::new("debugfs")
+        .args(["-w", "-R"])
+        .arg(format!("write {} commands.toml", commands.display()))
+        .arg(&backup)
+        .output()
+        .unwrap());
     let floppy = d.join("floppy.img");
     ok(Command::new("mkfs.fat")
         .args(["-n", "BMR-STATE", "-C"])
@@ -154,7 +165,11 @@ fn source(ms: &Machines, firmware: &str, task: &str, tape: bool) -> Source {
         .unwrap());
     let mut cfg = QemuConfig::new()
         .memory_mb(1024)
-        .disk(Disk::new(&image, Interface::Virtio).snapshot().bootindex(0))
+        .disk(Disk::new(&image, Interface::Virtio).snapshot().bootindex(0));
+    if let Some(data) = &data {
+        cfg = cfg.disk(Disk::new(data, Interface::Virtio).snapshot());
+    }
+    cfg = cfg
         .disk(Disk::new(&backup, Interface::Virtio))
         .floppy(&floppy);
     if firmware == "uefi" {
@@ -165,7 +180,7 @@ fn source(ms: &Machines, firmware: &str, task: &str, tape: bool) -> Source {
     }
     let secs = boot(
         &ms.logs,
-        &format!("{firmware}-source-backup"),
+        &format!("{variant}-source-backup"),
         &cfg,
         &[
             "SYSTEM-CHECKSUMS-OK",
@@ -175,7 +190,7 @@ fn source(ms: &Machines, firmware: &str, task: &str, tape: bool) -> Source {
         ],
         600,
     );
-    eprintln!("{firmware} source machine backed itself up in {secs:.0} s");
+    eprintln!("{variant} source machine backed itself up in {secs:.0} s");
     Source {
         image,
         floppy,
@@ -219,7 +234,7 @@ fn recovery_scenarios() {
         let bios = source(
             &ms,
             "bios",
-            "bmr save --medium /dev/fd0 --disk /dev/vda\n\
+            "bmr save --medium /dev/fd0 --disk /dev/vda --commands /mnt/backup/commands.toml\n\
              bmr backup --medium /dev/fd0 --to /mnt/backup/repo",
             false,
         );
@@ -243,6 +258,16 @@ fn recovery_scenarios() {
         if all {
             summary.push(from_file(&ms, &bios, work.path(), Interface::Sata, 2 << 30));
         }
+    }
+    if all {
+        let two = source(
+            &ms,
+            "bios-two-disks",
+            "bmr save --medium /dev/fd0 --disk /dev/vda,/dev/vdb\n\
+             bmr backup --medium /dev/fd0 --to /mnt/backup/repo",
+            false,
+        );
+        summary.push(two_onto_one(&ms, &two, work.path()));
     }
     let uefi = source(
         &ms,
@@ -284,7 +309,7 @@ fn refused(ms: &Machines, src: &Source, work: &Path) -> String {
     let dir = ms.logs.join("no-wipe");
     fs::create_dir_all(&dir).unwrap();
     let vm = Qemu::start(&dir, &cfg);
-    let seen = vm.wait_for("unattended recovery stopped", Duration::from_secs(300));
+    let seen = vm.wait_for("BMR-RECOVERY-REFUSED", Duration::from_secs(300));
     keep_log(&ms.logs, "no-wipe", &vm);
     seen.unwrap();
     assert!(
@@ -344,6 +369,8 @@ fn from_file(ms: &Machines, src: &Source, work: &Path, iface: Interface, size: u
             } else {
                 "image restore --from"
             },
+            "[10] third-party restore ran in /run/bmr/target",
+            "[10] succeeded",
             "BMR-RECOVERY-DONE status=ok",
         ],
         900,
@@ -452,5 +479,60 @@ fn dissimilar(ms: &Machines, src: &Source, work: &Path) -> String {
         "UEFI/GPT onto a larger NVMe disk (was virtio), tape source, power cut in phase two: phase one {one:.0} s, phase two {:.0} s (cut after {cut_after:.0} s, resumed and finished in {two:.0} s), total {:.0} s; the restored machine booted and verified its files in {restored:.0} s",
         cut_after + two,
         one + cut_after + two
+    )
+}
+
+/// Scenario 4: the two disks of a BIOS machine (root on one, data on the
+/// other) onto one larger disk.
+fn two_onto_one(ms: &Machines, src: &Source, work: &Path) -> String {
+    let target = blank(work, "one.img", 2 << 30);
+    let one = boot(
+        &ms.logs,
+        "two-disks-phase-one",
+        &rescue(
+            ms,
+            src,
+            "bmr.wipe=all",
+            Disk::new(&target, Interface::Virtio),
+        ),
+        &[
+            "disk0 (1 GiB, mbr) -> /dev/vda",
+            "disk1 (512 MiB, mbr) -> /dev/vda",
+            "phase two installed on /dev/vda",
+            "BMR-PHASE-ONE-DONE",
+        ],
+        900,
+    );
+    let cfg = QemuConfig::new()
+        .memory_mb(1024)
+        .disk(Disk::new(&target, Interface::Virtio))
+        .disk(Disk::new(&src.backup, Interface::Virtio).snapshot());
+    let two = boot(
+        &ms.logs,
+        "two-disks-phase-two",
+        &cfg,
+        &[
+            "adapted: /etc/fstab: /dev/vdb1",
+            "BMR-RECOVERY-DONE status=ok",
+        ],
+        900,
+    );
+    let cfg = QemuConfig::new()
+        .memory_mb(1024)
+        .disk(Disk::new(&target, Interface::Virtio));
+    let restored = boot(
+        &ms.logs,
+        "two-disks-restored",
+        &cfg,
+        &[
+            "SOURCE-MACHINE srcmachine up on /dev/vda1",
+            "SYSTEM-CHECKSUMS-OK",
+            "DATA-CHECKSUMS-OK",
+        ],
+        300,
+    );
+    format!(
+        "two BIOS/MBR disks onto one, file source: phase one {one:.0} s, phase two {two:.0} s, total {:.0} s; the restored machine booted and verified its files in {restored:.0} s",
+        one + two
     )
 }

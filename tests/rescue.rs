@@ -27,14 +27,7 @@ fn initramfs_carries_a_working_rescue_system() {
     let kver = kernel.version.as_str();
     let dir = tempfile::tempdir().unwrap();
     let initrd = dir.path().join("initrd.img");
-    let out = ok(bmr()
-        .arg("mkrescue")
-        .arg("--kernel")
-        .arg(&kernel.vmlinuz)
-        .arg("--initramfs")
-        .arg(&initrd)
-        .output()
-        .unwrap());
+    let out = common::qemu::mkrescue(&kernel, &initrd, None);
     assert!(out.contains("kernel modules"), "{out}");
 
     let root = dir.path().join("root");
@@ -97,6 +90,17 @@ fn initramfs_carries_a_working_rescue_system() {
         vec!["udevadm", "--version"],
         vec!["mkfs.ext4", "-V"],
         vec!["sh", "-c", "echo shell-ok"],
+        // GNU options bmr passes when restoring file by file and for phase
+        // two's kernel: busybox's applets would refuse them.
+        vec![
+            "cp",
+            "-a",
+            "--sparse=always",
+            "--no-target-directory",
+            "/etc",
+            "/tmp/etc-copy",
+        ],
+        vec!["test", "-s", "/usr/lib/bmr/vmlinuz"],
     ] {
         let out = chroot(&root, &cmd);
         assert!(

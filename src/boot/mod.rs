@@ -34,6 +34,9 @@ pub struct BootReport {
     pub tapes: Vec<String>,
     pub warnings: Vec<String>,
     pub seconds_to_ready: f64,
+    /// How unattended recovery ended when it did not reboot: refused
+    /// (nothing written) or failed, and why.
+    pub recovery: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -129,7 +132,13 @@ pub fn init() -> ! {
     say(READY);
 
     stop_if(&flags, "recover");
-    hand_over(&flags, manifest.as_ref().map(|(d, m)| (d.as_path(), m)));
+    if let Some(outcome) = hand_over(&flags, manifest.as_ref().map(|(d, m)| (d.as_path(), m))) {
+        say(&outcome);
+        report.recovery = Some(outcome);
+        if let Err(e) = write_report(&report) {
+            say(&format!("warning: cannot write the boot report: {e:#}"));
+        }
+    }
     if flags.lock {
         say("bmr.lock is set: no shell; switch the machine off or press Ctrl-Alt-Del");
         pid1::idle();
@@ -357,24 +366,26 @@ fn write_report(r: &BootReport) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Until recovery itself arrives, auto and guided show what they would do.
-fn hand_over(flags: &Flags, medium: Option<(&Path, &crate::manifest::Manifest)>) {
+/// Unattended recovery runs (and reboots when it is done); guided shows
+/// the plan until the TUI arrives. Returns how an unattended recovery that
+/// did not reboot ended, with its console marker.
+fn hand_over(flags: &Flags, medium: Option<(&Path, &crate::manifest::Manifest)>) -> Option<String> {
     if flags.phase == 2 {
         return phase_two(flags, medium);
     }
     match flags.mode {
-        Mode::Shell => {}
+        Mode::Shell => None,
         Mode::Auto => {
             let Some((dev, m)) = medium else {
-                say("unattended recovery refused: no recovery medium; nothing was written");
-                return;
+                return Some(format!(
+                    "{RECOVERY_REFUSED} unattended recovery refused: no recovery medium; nothing was written"
+                ));
             };
             let secret = match &flags.key {
                 Some(k) => match std::fs::read(k) {
                     Ok(s) => Some(s),
                     Err(e) => {
-                        say(&format!("unattended recovery refused: cannot read bmr.key={}: {e}; nothing was written", k.display()));
-                        return;
+                        return Some(format!("{RECOVERY_REFUSED} unattended recovery refused: cannot read bmr.key={}: {e}; nothing was written", k.display()));
                     }
                 },
                 None => None,
@@ -399,13 +410,21 @@ fn hand_over(flags: &Flags, medium: Option<(&Path, &crate::manifest::Manifest)>)
                     say(PHASE_ONE_DONE);
                     pid1::reboot(Duration::from_secs(3));
                 }
-                Err(e) => say(&format!("unattended recovery stopped: {e:#}")),
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    let marker = if e.contains("nothing was written") {
+                        RECOVERY_REFUSED
+                    } else {
+                        RECOVERY_FAILED
+                    };
+                    Some(format!("{marker} unattended recovery stopped: {e}"))
+                }
             }
         }
         Mode::Guided => {
             let Some((dev, m)) = medium else {
                 say("nothing to recover without a recovery medium");
-                return;
+                return None;
             };
             let policy = crate::plan::Policy::default();
             let mut warn = |w: &str| say(&format!("warning: {w}"));
@@ -413,6 +432,7 @@ fn hand_over(flags: &Flags, medium: Option<(&Path, &crate::manifest::Manifest)>)
                 Ok((targets, plan)) => show(&crate::report::plan_text(m, &targets, &plan)),
                 Err(e) => say(&format!("no plan: {e:#}")),
             }
+            None
         }
     }
 }
@@ -421,14 +441,15 @@ fn hand_over(flags: &Flags, medium: Option<(&Path, &crate::manifest::Manifest)>)
 pub const PHASE_ONE_DONE: &str = "BMR-PHASE-ONE-DONE";
 pub const RECOVERY_DONE: &str = "BMR-RECOVERY-DONE";
 pub const RECOVERY_FAILED: &str = "BMR-RECOVERY-FAILED";
+/// Unattended recovery would not start: nothing was written.
+pub const RECOVERY_REFUSED: &str = "BMR-RECOVERY-REFUSED";
 
 /// Booted from the restored disk: finish the recovery, then boot the system.
-fn phase_two(flags: &Flags, medium: Option<(&Path, &crate::manifest::Manifest)>) {
+fn phase_two(flags: &Flags, medium: Option<(&Path, &crate::manifest::Manifest)>) -> Option<String> {
     let Some((dev, m)) = medium else {
-        say(&format!(
+        return Some(format!(
             "{RECOVERY_FAILED} phase two found no phase-two environment (bmr.medium=); the restored system may still boot: remove this entry by starting the recovery again"
         ));
-        return;
     };
     say(&format!("recovery of {}: phase two", m.system.hostname));
     match crate::recover::phase_two::run(dev, m, flags.lock, &mut |l| say(l)) {
@@ -444,6 +465,6 @@ fn phase_two(flags: &Flags, medium: Option<(&Path, &crate::manifest::Manifest)>)
             );
             pid1::reboot(Duration::from_secs(3));
         }
-        Err(e) => say(&format!("{RECOVERY_FAILED} {e:#}")),
+        Err(e) => Some(format!("{RECOVERY_FAILED} {e:#}")),
     }
 }

@@ -105,7 +105,6 @@ pub fn run(medium: &Path, m: &Manifest, lock: bool, say: &mut dyn FnMut(&str)) -
         .filter_map(|s| s.strip_prefix("command:")?.parse().ok())
         .collect();
     let t = Instant::now();
-    let mut outcomes = Vec::new();
     let mut journal_error = None;
     let (ran, result) = commands::run_all(
         &cmds,
@@ -114,7 +113,6 @@ pub fn run(medium: &Path, m: &Manifest, lock: bool, say: &mut dyn FnMut(&str)) -
         lock,
         &|seq| done.contains(&seq),
         &mut |o: &Outcome| {
-            outcomes.push(o.clone());
             if o.status == commands::Status::Ok {
                 if let Err(e) = journal.record(&format!("command:{}", o.sequence)) {
                     journal_error = Some(e);
@@ -124,18 +122,20 @@ pub fn run(medium: &Path, m: &Manifest, lock: bool, say: &mut dyn FnMut(&str)) -
         &mut |_c, _o| crate::boot::pid1::shell(),
         &mut |line| say(line),
     );
-    drop(ran);
     if let Some(e) = journal_error {
         return Err(e);
     }
-    report.commands = outcomes;
-    if report
-        .commands
-        .iter()
-        .any(|o| o.status != commands::Status::Ok)
-    {
+    // A command retried after the shell counts by its last run.
+    let failed = cmds.iter().any(|c| {
+        ran.iter()
+            .rev()
+            .find(|o| o.sequence == c.sequence)
+            .is_some_and(|o| o.status != commands::Status::Ok)
+    });
+    if failed {
         report.status = "errors".into();
     }
+    report.commands = ran;
     report.phase_two.push(Step {
         name: "restore and commands".into(),
         seconds: t.elapsed().as_secs_f64(),

@@ -89,6 +89,21 @@ impl DebianKernel {
     }
 }
 
+/// `bmr mkrescue` with Debian's kernel: the initramfs at `initrd`, and the
+/// hybrid ISO at `iso` with a one-second menu when asked; what it printed.
+pub fn mkrescue(kernel: &DebianKernel, initrd: &Path, iso: Option<&Path>) -> String {
+    let mut cmd = super::bmr();
+    cmd.arg("mkrescue")
+        .arg("--kernel")
+        .arg(&kernel.vmlinuz)
+        .arg("--initramfs")
+        .arg(initrd);
+    if let Some(iso) = iso {
+        cmd.arg("--iso").arg(iso).args(["--timeout", "1"]);
+    }
+    super::ok(cmd.output().expect("running bmr mkrescue"))
+}
+
 // ---------------------------------------------------------------- tgt ----
 
 /// A private tgtd serving one virtual tape as LUN 1 of one iSCSI target on
