@@ -50,16 +50,25 @@ pub fn compare(saved: &Hardware, now: &Hardware) -> Difference {
 }
 
 /// (added, removed), sorted. A controller without a bound driver tells
-/// nothing about what the initramfs needs.
+/// nothing about what the initramfs needs, and neither does one that was
+/// there unbound at save time (the saved system never loaded its driver:
+/// nothing of the system sat behind it).
 fn storage_drivers(saved: &Hardware, now: &Hardware) -> (Vec<String>, Vec<String>) {
-    let set = |hw: &Hardware| -> BTreeSet<String> {
+    let unbound_then: BTreeSet<(&str, &str)> = saved
+        .storage
+        .iter()
+        .filter(|c| c.driver.is_empty())
+        .map(|c| (c.address.as_str(), c.pci_id.as_str()))
+        .collect();
+    let set = |hw: &Hardware, skip: &BTreeSet<(&str, &str)>| -> BTreeSet<String> {
         hw.storage
             .iter()
             .filter(|c| !c.driver.is_empty())
+            .filter(|c| !skip.contains(&(c.address.as_str(), c.pci_id.as_str())))
             .map(|c| c.driver.clone())
             .collect()
     };
-    let (before, after) = (set(saved), set(now));
+    let (before, after) = (set(saved, &BTreeSet::new()), set(now, &unbound_then));
     (
         after.difference(&before).cloned().collect(),
         before.difference(&after).cloned().collect(),
@@ -577,6 +586,25 @@ fn tail(text: &str, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_controller_the_saved_system_left_unbound_is_no_change() {
+        let ctl = |driver: &str| Controller {
+            address: "0000:00:1f.2".into(),
+            pci_id: "8086:2922".into(),
+            class: "0x010601".into(),
+            driver: driver.into(),
+        };
+        let saved = Hardware {
+            storage: vec![ctl("")],
+            ..Hardware::default()
+        };
+        let now = Hardware {
+            storage: vec![ctl("ahci")],
+            ..Hardware::default()
+        };
+        assert!(compare(&saved, &now).is_empty());
+    }
     use crate::manifest::Controller;
     use std::os::unix::fs::PermissionsExt;
 

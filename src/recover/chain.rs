@@ -89,14 +89,9 @@ impl Mounted {
         for (mp, v) in vols {
             let at = root.join(mp.trim_start_matches('/'));
             fs::create_dir_all(&at)?;
-            let fstype = if v.filesystem == "vfat" {
-                "vfat"
-            } else {
-                v.filesystem.as_str()
-            };
             crate::tool::run(
                 std::process::Command::new("mount")
-                    .args(["-t", fstype])
+                    .args(["-t", &v.filesystem])
                     .arg(&v.target_device)
                     .arg(&at),
             )
@@ -160,9 +155,8 @@ pub fn carried_args(cmdline: &str) -> Vec<String> {
         .collect()
 }
 
-/// Writes the phase-two environment into the mounted system and makes it
-/// the next boot. Returns the directory it wrote.
-pub fn install(m: &Manifest, medium: &Path, state: &mut State, sys: &Mounted) -> Result<PathBuf> {
+/// What phase two will need, checked before phase one writes anything.
+pub fn preflight(m: &Manifest, plan: &Plan) -> Result<()> {
     let firmware = firmware_here();
     if firmware != m.system.firmware {
         bail!(
@@ -171,10 +165,19 @@ pub fn install(m: &Manifest, medium: &Path, state: &mut State, sys: &Mounted) ->
             firmware
         );
     }
-    let kernel = Path::new(RESCUE_KERNEL);
-    if !kernel.is_file() {
+    if !Path::new(RESCUE_KERNEL).is_file() {
         bail!("{RESCUE_KERNEL} is missing: phase two needs the rescue system's kernel, so run recovery from the rescue ISO (bmr mkrescue), or pass --no-phase-two");
     }
+    boot_volume(m, plan)?;
+    Ok(())
+}
+
+/// Writes the phase-two environment into the mounted system and makes it
+/// the next boot. Returns the directory it wrote.
+pub fn install(m: &Manifest, medium: &Path, state: &mut State, sys: &Mounted) -> Result<PathBuf> {
+    preflight(m, &state.plan)?;
+    let firmware = firmware_here();
+    let kernel = Path::new(RESCUE_KERNEL);
     let (boot, within) = boot_volume(m, &state.plan)?;
     let dir = sys.root.join(DIR);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -205,6 +205,9 @@ pub fn phase_one(m: &Manifest, o: &Options) -> Result<Done> {
             _ => {}
         }
     }
+    if o.phase_two {
+        chain::preflight(m, &plan).map_err(|e| anyhow::anyhow!("{e:#}; nothing was written"))?;
+    }
     let protected = crate::targets::medium_protection(o.medium);
     crate::apply::apply(
         m,

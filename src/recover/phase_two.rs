@@ -54,13 +54,15 @@ pub fn run(medium: &Path, m: &Manifest, lock: bool, say: &mut dyn FnMut(&str)) -
         .context("the medium copy has no directory")?
         .to_path_buf();
     let mut state = chain::read_state(&dir)?;
+    // The plan as phase one wrote it: device names that change between boots
+    // must not make a resumed run start over.
+    let plan_id = blake3::hash(&serde_json::to_vec(&state.plan)?)
+        .to_hex()
+        .to_string();
     let renamed = resolve_disks(&mut state.plan)?;
     for (old, new) in &renamed {
         say(&format!("{old} is now {new}"));
     }
-    let plan_id = blake3::hash(&serde_json::to_vec(&state.plan)?)
-        .to_hex()
-        .to_string();
     let mut journal = Journal::open(&dir.join(chain::JOURNAL), &plan_id)?;
     if journal.resumed {
         say(&format!(
@@ -245,36 +247,39 @@ fn resolve_disks(plan: &mut Plan) -> Result<Vec<(String, String)>> {
             renames.push((t.device.clone(), d.device.clone()));
         }
     }
-    for (old, new) in &renames {
-        let new_name = new.trim_start_matches("/dev/");
-        for t in &mut plan.targets {
-            if &t.device == old {
-                t.device = new.clone();
-                t.name = new_name.to_string();
-                for p in &mut t.partitions {
-                    p.device = format!(
-                        "/dev/{}",
-                        crate::probe::disks::partition_name(new_name, p.number)
-                    );
-                }
-            }
-        }
-        for d in &mut plan.disks {
-            if &d.target == old {
-                d.target = new.clone();
-            }
-        }
-        for v in &mut plan.volumes {
-            if &v.target_disk == old {
-                v.target_disk = new.clone();
-                v.target_device = format!(
-                    "/dev/{}",
-                    crate::probe::disks::partition_name(new_name, v.partition_number)
-                );
+    rename(plan, &renames.iter().cloned().collect());
+    Ok(renames)
+}
+
+/// Every device name in the plan renamed at once, so that two disks that
+/// swapped names do not end up with the same one.
+fn rename(plan: &mut Plan, map: &HashMap<String, String>) {
+    let part = |disk: &str, n: u32| {
+        format!(
+            "/dev/{}",
+            crate::probe::disks::partition_name(disk.trim_start_matches("/dev/"), n)
+        )
+    };
+    for t in &mut plan.targets {
+        if let Some(new) = map.get(&t.device) {
+            t.device = new.clone();
+            t.name = new.trim_start_matches("/dev/").to_string();
+            for p in &mut t.partitions {
+                p.device = part(new, p.number);
             }
         }
     }
-    Ok(renames)
+    for d in &mut plan.disks {
+        if let Some(new) = map.get(&d.target) {
+            d.target = new.clone();
+        }
+    }
+    for v in &mut plan.volumes {
+        if let Some(new) = map.get(&v.target_disk) {
+            v.target_disk = new.clone();
+            v.target_device = part(new, v.partition_number);
+        }
+    }
 }
 
 /// One command per volume left for phase two, run as this same binary.
@@ -522,6 +527,34 @@ fn write_report(root: &Path, report: &Report) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn swapped_disk_names_are_renamed_at_once() {
+        let mut plan: Plan = serde_json::from_value(serde_json::json!({
+            "disks": [{"saved": "disk0", "target": "/dev/vda", "reason": ""},
+                      {"saved": "disk1", "target": "/dev/vdb", "reason": ""}],
+            "targets": [],
+            "volumes": [
+                {"id": "root", "role": "system", "filesystem": "ext4", "action": "restore-image",
+                 "target_device": "/dev/vda1", "target_disk": "/dev/vda", "partition_number": 1,
+                 "start_bytes": 1048576, "size_bytes": 1, "saved_size_bytes": 1, "min_size_bytes": 1, "reason": ""},
+                {"id": "data", "role": "data", "filesystem": "ext4", "action": "restore-image",
+                 "target_device": "/dev/vdb1", "target_disk": "/dev/vdb", "partition_number": 1,
+                 "start_bytes": 1048576, "size_bytes": 1, "saved_size_bytes": 1, "min_size_bytes": 1, "reason": ""}
+            ],
+            "dropped": [], "warnings": [], "policy": crate::plan::Policy::default()
+        }))
+        .unwrap();
+        let map = [("/dev/vda", "/dev/vdb"), ("/dev/vdb", "/dev/vda")]
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        rename(&mut plan, &map);
+        assert_eq!(plan.volumes[0].target_device, "/dev/vdb1");
+        assert_eq!(plan.volumes[1].target_device, "/dev/vda1");
+        assert_eq!(plan.disks[0].target, "/dev/vdb");
+        assert_eq!(plan.disks[1].target, "/dev/vda");
+    }
 
     #[test]
     fn finds_phase_two_boot_entries() {
