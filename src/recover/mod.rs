@@ -362,6 +362,22 @@ mod tests {
     }
 
     #[test]
+    fn a_source_or_medium_can_name_a_filesystem_and_a_path_in_it() {
+        assert_eq!(
+            split_device_path("LABEL=BMR-BACKUP:/repo"),
+            Some(("LABEL=BMR-BACKUP", "/repo"))
+        );
+        assert_eq!(
+            split_device_path("UUID=1234-abcd:/boot/bmr-phase2/medium.img"),
+            Some(("UUID=1234-abcd", "/boot/bmr-phase2/medium.img"))
+        );
+        assert_eq!(split_device_path("/dev/sdb1:/x"), Some(("/dev/sdb1", "/x")));
+        assert_eq!(split_device_path("/mnt/repo"), None);
+        assert_eq!(split_device_path("UUID=abc:relative"), None);
+        assert_eq!(split_device_path("host:/export"), None);
+    }
+
+    #[test]
     fn sources_and_image_names() {
         let tape = source("tape:/dev/nst0").unwrap();
         assert_eq!(
