@@ -67,14 +67,37 @@ pub fn sync(t: &TargetPlan) -> Result<()> {
     let known = kernel_partitions(&t.name);
     for p in &wanted {
         if !known.iter().any(|&(n, _, _)| n == p.number) {
-            crate::sys::add_partition(f.as_fd(), p.number, p.start_bytes, p.size_bytes)
-                .with_context(|| format!("telling the kernel about {}", p.device))?;
+            if let Err(e) =
+                crate::sys::add_partition(f.as_fd(), p.number, p.start_bytes, p.size_bytes)
+            {
+                // udev re-reads a disk's table when a writer closes it, so
+                // the kernel may have added this very partition meanwhile.
+                if !appears(&t.name, p.number, p.start_bytes, p.size_bytes) {
+                    return Err(e)
+                        .with_context(|| format!("telling the kernel about {}", p.device));
+                }
+            }
         }
     }
     for p in &wanted {
         wait_for_node(&t.name, p.number, &p.device)?;
     }
     Ok(())
+}
+
+/// Whether the kernel shows partition `number` with this geometry within a
+/// second.
+fn appears(disk: &str, number: u32, start: u64, size: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        if kernel_partitions(disk).contains(&(number, start, size)) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Waits for `/dev/<part>` to be the block device sysfs says it is.

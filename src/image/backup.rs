@@ -45,7 +45,9 @@ fn locate(m: &Manifest) -> Result<Vec<(String, PathBuf, Option<PathBuf>)>> {
         .disks
         .iter()
         .map(|d| PathBuf::from(&d.device))
-        .filter(|p| p.exists())
+        // A saved name that is now an empty device (a loop device with
+        // nothing attached, a card reader) holds nothing of the system.
+        .filter(|p| probe::disks::named(p).is_ok())
         .collect();
     let report = probe::probe(&disks)?;
     let mut order: Vec<&crate::manifest::Volume> = m.volumes.iter().collect();
