@@ -132,7 +132,11 @@ pub fn init() -> ! {
     say(READY);
 
     stop_if(&flags, "recover");
-    if let Some(outcome) = hand_over(&flags, manifest.as_ref().map(|(d, m)| (d.as_path(), m))) {
+    if let Some(outcome) = hand_over(
+        &flags,
+        &report.cmdline,
+        manifest.as_ref().map(|(d, m)| (d.as_path(), m)),
+    ) {
         say(&outcome);
         report.recovery = Some(outcome);
         if let Err(e) = write_report(&report) {
@@ -369,7 +373,11 @@ fn write_report(r: &BootReport) -> anyhow::Result<()> {
 /// Unattended recovery runs (and reboots when it is done); guided shows
 /// the plan until the TUI arrives. Returns how an unattended recovery that
 /// did not reboot ended, with its console marker.
-fn hand_over(flags: &Flags, medium: Option<(&Path, &crate::manifest::Manifest)>) -> Option<String> {
+fn hand_over(
+    flags: &Flags,
+    cmdline: &str,
+    medium: Option<(&Path, &crate::manifest::Manifest)>,
+) -> Option<String> {
     if flags.phase == 2 {
         return phase_two(flags, medium);
     }
@@ -401,7 +409,7 @@ fn hand_over(flags: &Flags, medium: Option<(&Path, &crate::manifest::Manifest)>)
                     secret,
                     journal: Path::new(pid1::LOG_DIR).join("apply-journal.json"),
                     phase_two: true,
-                    cmdline: fs::read_to_string("/proc/cmdline").unwrap_or_default(),
+                    cmdline: cmdline.to_string(),
                 },
             );
             match result {

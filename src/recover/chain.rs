@@ -110,13 +110,19 @@ impl Drop for Mounted {
     }
 }
 
-/// The volume that holds /boot (a boot volume, else the system volume) and
-/// the path of the phase-two directory as its own filesystem sees it.
-fn boot_volume<'p>(m: &Manifest, plan: &'p Plan) -> Result<(&'p VolumePlan, String)> {
+/// The planned volume that holds /boot: a boot volume, else the system
+/// volume. Its disk is the one the boot loader goes on.
+pub fn holds_boot(plan: &Plan) -> Result<&VolumePlan> {
     let pick = |role: Role| plan.volumes.iter().find(|v| v.role == role);
-    let v = pick(Role::Boot)
+    pick(Role::Boot)
         .or_else(|| pick(Role::System))
-        .context("the plan restores no boot or system volume")?;
+        .context("the plan restores no boot or system volume")
+}
+
+/// The volume that holds /boot and the path of the phase-two directory as
+/// its own filesystem sees it.
+fn boot_volume<'p>(m: &Manifest, plan: &'p Plan) -> Result<(&'p VolumePlan, String)> {
+    let v = holds_boot(plan)?;
     let mp = m
         .volume(&v.id)
         .map(|x| x.mountpoint.clone())

@@ -436,11 +436,7 @@ fn adapt_system(
 /// ESP with its own NVRAM entry first (UEFI), with its own tools in a chroot
 /// when it has them, else the rescue system's. Ends the phase-two entry.
 fn bootloader(state: &State, root: &Path, say: &mut dyn FnMut(&str)) -> Result<()> {
-    let role = |r| state.plan.volumes.iter().find(move |v| v.role == r);
-    let boot = role(crate::manifest::Role::Boot)
-        .or_else(|| role(crate::manifest::Role::System))
-        .context("no boot or system volume in the plan")?;
-    let disk = boot.target_disk.clone();
+    let disk = chain::holds_boot(&state.plan)?.target_disk.clone();
     let has = |p: &str| root.join("usr").join(p).exists() || root.join(p).exists();
     let own = has("sbin/grub-install");
     let mut argv: Vec<String> = vec!["grub-install".into()];
