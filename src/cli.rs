@@ -149,6 +149,53 @@ pub enum Cmd {
         #[command(flatten)]
         key: KeyArgs,
     },
+    /// Guided recovery on a terminal: review the disks and the plan, change them,
+    /// type the disk names to confirm, watch phase one (what bmr.mode=guided runs on
+    /// every console). Exits with status 10 when the operator asks for the reboot.
+    Guided {
+        /// Recovery medium (image or device, LABEL=/UUID=); without it the first screen asks.
+        #[arg(long, value_name = "PATH")]
+        medium: Option<PathBuf>,
+        /// Where the images are, as for `recover`; without it the first screen asks.
+        #[arg(long, value_name = "SOURCE")]
+        source: Option<String>,
+        /// Start from this mapping of saved disks: disk0=/dev/vdb (repeatable).
+        #[arg(long = "map", value_name = "SAVED=DEV", value_parser = parse_map, value_delimiter = ',')]
+        map: Vec<(String, String)>,
+        /// The terminal to draw on.
+        #[arg(long, value_name = "DEV", default_value = "/dev/tty")]
+        tty: PathBuf,
+        /// Size for a terminal that reports none (a serial console): COLSxROWS.
+        #[arg(long, value_name = "COLSxROWS", value_parser = parse_console_size)]
+        console_size: Option<(u16, u16)>,
+        /// No shell from the screens (bmr.lock).
+        #[arg(long)]
+        lock: bool,
+        /// The rescue system's boot report, for the first screen.
+        #[arg(long, value_name = "FILE")]
+        boot_report: Option<PathBuf>,
+        /// Where output goes while the screens are drawn (shown in their log pane).
+        #[arg(long, value_name = "FILE", default_value = "/run/bmr/guided.log")]
+        log: PathBuf,
+        #[arg(
+            long,
+            value_name = "FILE",
+            default_value = "/run/bmr/apply-journal.json"
+        )]
+        journal: PathBuf,
+        /// Stop after restoring the boot and system volumes, as for `recover`.
+        #[arg(long)]
+        no_phase_two: bool,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+}
+
+fn parse_console_size(s: &str) -> Result<(u16, u16), String> {
+    s.split_once('x')
+        .and_then(|(c, r)| Some((c.parse().ok()?, r.parse().ok()?)))
+        .filter(|&(c, r): &(u16, u16)| c >= 20 && r >= 5)
+        .ok_or_else(|| format!("\"{s}\" is not COLSxROWS, e.g. 100x30"))
 }
 
 /// What a plan is made from: the same flags for `plan`, `apply` and (later) recovery.
@@ -483,6 +530,38 @@ pub fn run() -> Result<ExitCode> {
             if done.phase_two.is_some() {
                 println!("reboot from the target disk to run phase two");
             }
+        }
+        Cmd::Guided {
+            medium,
+            source,
+            map,
+            tty,
+            console_size,
+            lock,
+            boot_report,
+            log,
+            journal,
+            no_phase_two,
+            key,
+        } => {
+            if let Some(d) = log.parent() {
+                std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            }
+            let crate::tui::Exit::Reboot = crate::tui::run(crate::tui::Options {
+                tty,
+                medium,
+                source,
+                map,
+                secret: key.secret()?,
+                lock,
+                console_size,
+                boot_report,
+                log,
+                journal,
+                phase_two: !no_phase_two,
+                cmdline: std::fs::read_to_string("/proc/cmdline").unwrap_or_default(),
+            })?;
+            return Ok(ExitCode::from(crate::tui::EXIT_REBOOT));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -16,3 +16,4 @@ pub mod rescue;
 pub mod sys;
 pub mod targets;
 pub mod tool;
+pub mod tui;

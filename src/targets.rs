@@ -94,7 +94,7 @@ pub fn medium_protection(medium: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
-const MEDIUM: &str = "holds the recovery medium";
+pub const MEDIUM: &str = "holds the recovery medium";
 
 /// Probes this machine's disks (all, or those named) with the medium's disk
 /// protected, and plans the saved layout onto them: what `bmr plan`, the

@@ -230,7 +230,9 @@ fn recovery_scenarios() {
     let ms = machines();
     let work = tempfile::tempdir_in(repo().join("target")).unwrap();
     let mut summary = Vec::new();
-    if only.as_deref() != Some("dissimilar") {
+    // BMR_RECOVERY_ONLY=refused|guided|file|dissimilar runs one group.
+    let want = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    if want("refused") || want("guided") || want("file") {
         let bios = source(
             &ms,
             "bios",
@@ -238,28 +240,35 @@ fn recovery_scenarios() {
              bmr backup --medium /dev/fd0 --to /mnt/backup/repo",
             false,
         );
-        summary.push(refused(&ms, &bios, work.path()));
-        summary.push(from_file(
-            &ms,
-            &bios,
-            work.path(),
-            Interface::Virtio,
-            1 << 30,
-        ));
-        // Scenario 3: a smaller disk that still holds the used data; both
-        // volumes come back file by file.
-        summary.push(from_file(
-            &ms,
-            &bios,
-            work.path(),
-            Interface::Virtio,
-            640 << 20,
-        ));
-        if all {
-            summary.push(from_file(&ms, &bios, work.path(), Interface::Sata, 2 << 30));
+        if want("refused") {
+            summary.push(refused(&ms, &bios, work.path()));
+        }
+        if want("guided") {
+            summary.push(guided(&ms, &bios, work.path()));
+        }
+        if want("file") {
+            summary.push(from_file(
+                &ms,
+                &bios,
+                work.path(),
+                Interface::Virtio,
+                1 << 30,
+            ));
+            // Scenario 3: a smaller disk that still holds the used data; both
+            // volumes come back file by file.
+            summary.push(from_file(
+                &ms,
+                &bios,
+                work.path(),
+                Interface::Virtio,
+                640 << 20,
+            ));
+            if all {
+                summary.push(from_file(&ms, &bios, work.path(), Interface::Sata, 2 << 30));
+            }
         }
     }
-    if all {
+    if all && only.is_none() {
         let two = source(
             &ms,
             "bios-two-disks",
@@ -269,17 +278,19 @@ fn recovery_scenarios() {
         );
         summary.push(two_onto_one(&ms, &two, work.path()));
     }
-    let uefi = source(
-        &ms,
-        "uefi",
-        "modprobe virtio_scsi\n\
-         modprobe st\n\
-         for i in 1 2 3 4 5 6 7 8 9 10; do [ -e /dev/nst0 ] && break; sleep 1; done\n\
-         bmr save --medium /dev/fd0 --disk /dev/vda --driver st\n\
-         bmr backup --medium /dev/fd0 --to tape:/dev/nst0",
-        true,
-    );
-    summary.push(dissimilar(&ms, &uefi, work.path()));
+    if want("dissimilar") {
+        let uefi = source(
+            &ms,
+            "uefi",
+            "modprobe virtio_scsi\n\
+             modprobe st\n\
+             for i in 1 2 3 4 5 6 7 8 9 10; do [ -e /dev/nst0 ] && break; sleep 1; done\n\
+             bmr save --medium /dev/fd0 --disk /dev/vda --driver st\n\
+             bmr backup --medium /dev/fd0 --to tape:/dev/nst0",
+            true,
+        );
+        summary.push(dissimilar(&ms, &uefi, work.path()));
+    }
     let text = summary.join("\n");
     eprintln!("\n{text}");
     fs::write(ms.logs.join("summary.txt"), format!("{text}\n")).unwrap();
@@ -324,6 +335,122 @@ fn refused(ms: &Machines, src: &Source, work: &Path) -> String {
         "the refused run wrote to the target disk"
     );
     format!("no bmr.wipe (BIOS): refused after {secs:.0} s, the target disk still all zeros")
+}
+
+/// The operator at a serial console (QEMU -nographic in tmux) maps the saved
+/// disk onto the other of two blank disks than the one bmr proposes; a wrong
+/// confirmation is refused, the right one runs phase one; the disk not
+/// chosen stays all zeros, and the chosen one boots phase two and then the
+/// restored machine.
+fn guided(ms: &Machines, src: &Source, work: &Path) -> String {
+    let saved = fs::metadata(&src.image).unwrap().len();
+    let vda = blank(work, "guided-vda.img", saved);
+    let vdb = blank(work, "guided-vdb.img", 2 << 30);
+    let cfg = QemuConfig::new()
+        .memory_mb(1024)
+        .kernel(
+            &ms.kernel.vmlinuz,
+            Some(&ms.initrd),
+            "console=ttyS0,115200 bmr.mode=guided bmr.source=file:LABEL=BMR-BACKUP:/repo",
+        )
+        .disk(Disk::new(&vda, Interface::Virtio))
+        .disk(Disk::new(&vdb, Interface::Virtio))
+        .disk(Disk::new(&src.backup, Interface::Virtio).snapshot())
+        .floppy(&src.floppy);
+    let dir = ms.logs.join("guided");
+    let _ = fs::remove_dir_all(&dir);
+    let t = Instant::now();
+    let vm = common::tmux::TmuxQemu::start(&dir, &cfg, 100, 30);
+    let step = |want: &[&str], secs: u64| {
+        vm.wait_screen(want, Duration::from_secs(secs))
+            .unwrap_or_else(|e| panic!("guided: {e}"))
+    };
+    // No bmr.console=: the size comes from asking the terminal (tmux).
+    let start = step(
+        &[
+            "bmr recovery · Start",
+            "machine srcmachine",
+            "repository at",
+        ],
+        300,
+    );
+    let shown = t.elapsed().as_secs_f64();
+    assert!(start.contains("Enter next"), "{start}");
+    vm.keys(&["Enter"]);
+    let disks = step(&["Saved disks", "Disks found here"], 30);
+    assert!(
+        disks.contains("protected"),
+        "the medium's and the source's disks: {disks}"
+    );
+    // The operator takes the other disk than the one bmr proposes.
+    let proposed_dev = disks
+        .lines()
+        .find(|l| l.contains("gets disk0"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no proposal on the disks screen:\n{disks}"))
+        .to_string();
+    let (name, proposed, chosen) = if proposed_dev == "/dev/vda" {
+        ("vdb", &vda, &vdb)
+    } else {
+        ("vda", &vdb, &vda)
+    };
+    vm.keys(&["Right"]);
+    step(&[&format!("/dev/{name} (yours)")], 30);
+    vm.keys(&["Enter"]);
+    step(&["new size", "restore-image"], 30);
+    vm.keys(&["Enter"]);
+    step(&[&format!("To proceed, type {name}")], 30);
+    vm.text(proposed_dev.trim_start_matches("/dev/"));
+    vm.keys(&["Enter"]);
+    step(&["that is not the disk list"], 30);
+    assert!(all_zero(proposed) && all_zero(chosen));
+    vm.text(name);
+    vm.keys(&["Enter"]);
+    let confirmed = t.elapsed().as_secs_f64();
+    let done = step(&["Phase one finished."], 900);
+    let one = t.elapsed().as_secs_f64() - confirmed;
+    assert!(
+        done.contains("[x] install the phase-two environment"),
+        "{done}"
+    );
+    vm.keys(&["Enter"]);
+    vm.wait_exit(Duration::from_secs(60)).unwrap();
+    drop(vm);
+    assert!(
+        all_zero(proposed),
+        "the disk the operator did not choose was written"
+    );
+    let cfg = QemuConfig::new()
+        .memory_mb(1024)
+        .disk(Disk::new(chosen, Interface::Virtio))
+        .disk(Disk::new(&src.backup, Interface::Virtio).snapshot());
+    let two = boot(
+        &ms.logs,
+        "guided-phase-two",
+        &cfg,
+        &[
+            "recovery of srcmachine: phase two",
+            "BMR-RECOVERY-DONE status=ok",
+        ],
+        900,
+    );
+    let cfg = QemuConfig::new()
+        .memory_mb(1024)
+        .disk(Disk::new(chosen, Interface::Virtio));
+    let restored = boot(
+        &ms.logs,
+        "guided-restored",
+        &cfg,
+        &[
+            "SOURCE-MACHINE srcmachine up on /dev/vda1",
+            "SYSTEM-CHECKSUMS-OK",
+            "DATA-CHECKSUMS-OK",
+        ],
+        300,
+    );
+    format!(
+        "guided at a serial console (tmux), mapping changed from {proposed_dev} to /dev/{name}: screens after {shown:.0} s, phase one {one:.0} s after the typed confirmation, phase two {two:.0} s; the restored machine booted and verified its files in {restored:.0} s; the disk not chosen still all zeros"
+    )
 }
 
 /// Scenario 1 (virtio, same size) and BIOS onto a larger SATA disk: BIOS/MBR

@@ -5,6 +5,7 @@
 pub mod cmdline;
 pub mod discover;
 pub mod drivers;
+pub mod guided;
 pub mod pid1;
 pub mod udev;
 
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use cmdline::{Flags, Mode};
-use pid1::{say, show};
+use pid1::say;
 
 pub const READY: &str = "rescue system ready";
 const PRELOAD: &str = include_str!("../../initramfs/preload.list");
@@ -370,8 +371,8 @@ fn write_report(r: &BootReport) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Unattended recovery runs (and reboots when it is done); guided shows
-/// the plan until the TUI arrives. Returns how an unattended recovery that
+/// Unattended recovery runs (and reboots when it is done); guided runs the
+/// recovery screens (which reboot when the operator says so). Returns how an unattended recovery that
 /// did not reboot ended, with its console marker.
 fn hand_over(
     flags: &Flags,
@@ -430,16 +431,8 @@ fn hand_over(
             }
         }
         Mode::Guided => {
-            let Some((dev, m)) = medium else {
-                say("nothing to recover without a recovery medium");
-                return None;
-            };
-            let policy = crate::plan::Policy::default();
-            let mut warn = |w: &str| say(&format!("warning: {w}"));
-            match crate::targets::plan_here(m, &[], dev, &flags.map, policy, &mut warn) {
-                Ok((targets, plan)) => show(&crate::report::plan_text(m, &targets, &plan)),
-                Err(e) => say(&format!("no plan: {e:#}")),
-            }
+            say("guided recovery: the recovery screens start on every console");
+            guided::run(flags, medium.map(|(d, _)| d));
             None
         }
     }

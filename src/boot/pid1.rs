@@ -8,6 +8,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -77,6 +78,12 @@ struct Sinks {
 }
 
 static LOG: Mutex<Option<Sinks>> = Mutex::new(None);
+/// The recovery screens own the consoles: lines go to the logs only.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+pub fn quiet(on: bool) {
+    QUIET.store(on, Ordering::Relaxed);
+}
 /// The `console=` values, to open the consoles again after a shell.
 static CONSOLES: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
@@ -144,7 +151,12 @@ pub fn say(msg: &str) {
     };
     match guard.as_mut() {
         Some(s) => {
-            for c in &mut s.consoles {
+            let consoles = if QUIET.load(Ordering::Relaxed) {
+                &mut s.consoles[..0]
+            } else {
+                &mut s.consoles[..]
+            };
+            for c in consoles {
                 let _ = c.write_all(line.replace('\n', "\r\n").as_bytes());
             }
             // Debug level: the kernel would otherwise echo it to the console twice.

@@ -2,9 +2,27 @@
 //! plain lines every 10% otherwise (logs, serial consoles).
 
 use std::io::{IsTerminal, Write};
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::report::size;
+
+/// Receives (what, done, total, seconds) instead of the terminal: the TUI
+/// draws bars from it, and a bar drawn over its screen would garble it.
+pub type Observer = Arc<dyn Fn(&str, u64, u64, f64) + Send + Sync>;
+
+static OBSERVER: Mutex<Option<Observer>> = Mutex::new(None);
+
+/// Sends all later progress to `o` (None: back to the terminal).
+pub fn observe(o: Option<Observer>) {
+    if let Ok(mut g) = OBSERVER.lock() {
+        *g = o;
+    }
+}
+
+fn observer() -> Option<Observer> {
+    OBSERVER.lock().ok().and_then(|g| g.clone())
+}
 
 pub struct Progress {
     what: String,
@@ -15,6 +33,8 @@ pub struct Progress {
     last_tenth: u64,
     /// A live line is on the terminal and not yet ended.
     open: bool,
+    observer: Option<Observer>,
+    last_sent: Option<Instant>,
 }
 
 impl Progress {
@@ -27,11 +47,29 @@ impl Progress {
             tty: std::io::stderr().is_terminal(),
             last_tenth: 0,
             open: false,
+            observer: observer(),
+            last_sent: None,
         }
     }
 
     pub fn add(&mut self, n: u64) {
         self.done += n;
+        if let Some(o) = &self.observer {
+            let now = Instant::now();
+            let due = self
+                .last_sent
+                .is_none_or(|t| now - t >= Duration::from_millis(200));
+            if due || self.done >= self.total {
+                self.last_sent = Some(now);
+                o(
+                    &self.what,
+                    self.done,
+                    self.total,
+                    self.start.elapsed().as_secs_f64(),
+                );
+            }
+            return;
+        }
         let secs = self.start.elapsed().as_secs_f64().max(0.001);
         let rate = self.done as f64 / secs;
         let eta = if rate > 0.0 {
@@ -63,7 +101,14 @@ impl Progress {
     }
 
     pub fn finish(&mut self) -> f64 {
-        if self.tty {
+        if let Some(o) = &self.observer {
+            o(
+                &self.what,
+                self.done,
+                self.total,
+                self.start.elapsed().as_secs_f64(),
+            );
+        } else if self.tty {
             eprintln!();
             self.open = false;
         }

@@ -5,7 +5,7 @@
 use uuid::{uuid, Uuid};
 
 use super::{
-    Action, Dropped, PlanError, PlannedPartition, Policy, Sizing, TargetDisk, TargetPlan,
+    Action, Adjust, Dropped, PlanError, PlannedPartition, Policy, Sizing, TargetDisk, TargetPlan,
     VolumePlan, MIB,
 };
 use crate::manifest::{Firmware, Manifest, MbrKind, Partition, Role, TableType, Volume};
@@ -194,6 +194,7 @@ pub fn layout(
     t: &TargetDisk,
     saved: &[usize],
     policy: Policy,
+    adjust: &Adjust,
     warnings: &mut Vec<String>,
 ) -> Result<Out, PlanError> {
     let align = align_of(t);
@@ -250,6 +251,7 @@ pub fn layout(
     }) && items.iter().all(|i| {
         i.part
             .is_some_and(|p| p.start_bytes % align == 0 && p.start_bytes >= start)
+            && !i.vol.is_some_and(|v| adjust.touches(&v.id))
     });
     let mut dropped = Vec::new();
     if exact {
@@ -261,7 +263,7 @@ pub fn layout(
             }
         }
     } else {
-        size_items(m, t, &mut items, room, align, policy, &mut dropped)?;
+        size_items(m, t, &mut items, room, align, policy, adjust, &mut dropped)?;
         place(&mut items, start, align);
     }
     if table == TableType::Mbr {
@@ -355,6 +357,7 @@ pub fn layout(
                 i,
                 v,
                 policy,
+                adjust.size_of(&v.id),
                 &disk_name(i.number),
                 dropped.iter().find(|d: &&Dropped| d.id == v.id),
             )
@@ -429,6 +432,7 @@ fn vol<'m>(items: &[Item<'m>], i: usize) -> &'m Volume {
     items[i].vol.expect("only volume items are ordered")
 }
 
+#[allow(clippy::too_many_arguments)]
 fn size_items(
     m: &Manifest,
     t: &TargetDisk,
@@ -436,6 +440,7 @@ fn size_items(
     room: u64,
     align: u64,
     policy: Policy,
+    adjust: &Adjust,
     dropped: &mut Vec<Dropped>,
 ) -> Result<(), PlanError> {
     // Each logical partition costs its EBR's alignment step too; dropping it frees both.
@@ -452,9 +457,24 @@ fn size_items(
         .map(|i| i.size + ebr(i))
         .sum();
     let budget = room.saturating_sub(fixed);
-    let min = |v: &Volume| round_up(v.min_size_bytes.max(align), align);
+    // A size the operator asked for is exactly what the volume gets.
+    let min = |v: &Volume| match adjust.size_of(&v.id) {
+        Some(s) => round_up(s.max(align), align),
+        None => round_up(v.min_size_bytes.max(align), align),
+    };
+    for i in items.iter_mut() {
+        if let Some(v) = i.vol.filter(|v| adjust.excluded(&v.id)) {
+            i.dropped = true;
+            dropped.push(Dropped {
+                id: v.id.clone(),
+                role: v.role,
+                needed_bytes: round_up(v.min_size_bytes.max(align), align),
+                reason: "excluded by the operator".into(),
+            });
+        }
+    }
     let mut order: Vec<usize> = (0..items.len())
-        .filter(|&i| items[i].vol.is_some())
+        .filter(|&i| items[i].vol.is_some() && !items[i].dropped)
         .collect();
     order.sort_by_key(|&i| priority(m, &items[i].vol.map(|v| v.id.clone()).unwrap_or_default()));
 
@@ -468,6 +488,9 @@ fn size_items(
         .map(|&i| min(vol(items, i)) + ebr(&items[i]))
         .sum();
     if need > budget {
+        if let Some(e) = asked_too_big(items, &order, adjust, budget, need, align, t) {
+            return Err(e);
+        }
         let list: Vec<String> = critical
             .iter()
             .map(|&i| format!("{} {}", vol(items, i).id, size(min(vol(items, i)))))
@@ -487,6 +510,12 @@ fn size_items(
         items[i].size = min(vol(items, i));
     }
     let mut total: u64 = order.iter().map(|&i| items[i].size + ebr(&items[i])).sum();
+    // Room for an asked-for size is never made by dropping another volume.
+    if total > budget {
+        if let Some(e) = asked_too_big(items, &order, adjust, budget, total, align, t) {
+            return Err(e);
+        }
+    }
     for &i in order.iter().rev() {
         if total <= budget {
             break;
@@ -513,7 +542,7 @@ fn size_items(
     let kept: Vec<usize> = order
         .iter()
         .copied()
-        .filter(|&i| !items[i].dropped)
+        .filter(|&i| !items[i].dropped && adjust.size_of(&vol(items, i).id).is_none())
         .collect();
     // Up to the saved size: boot-critical volumes first, then the rest in priority order.
     for pass_critical in [true, false] {
@@ -563,6 +592,32 @@ fn size_items(
         }
     }
     Ok(())
+}
+
+/// The error for an asked-for size that leaves `total` over `budget`,
+/// naming the most that volume could have.
+fn asked_too_big(
+    items: &[Item],
+    order: &[usize],
+    adjust: &Adjust,
+    budget: u64,
+    total: u64,
+    align: u64,
+    t: &TargetDisk,
+) -> Option<PlanError> {
+    let &i = order
+        .iter()
+        .find(|&&i| adjust.size_of(&vol(items, i).id).is_some())?;
+    let v = vol(items, i);
+    let asked = round_up(adjust.size_of(&v.id)?.max(align), align);
+    let most = round_down(budget.saturating_sub(total - asked), align);
+    Some(PlanError::Adjust(format!(
+        "{}: {} does not fit on {}; at most {}",
+        v.id,
+        size(asked),
+        t.device,
+        size(most)
+    )))
 }
 
 fn place(items: &mut [Item], start: u64, align: u64) {
@@ -626,6 +681,7 @@ fn volume_plan(
     i: &Item,
     v: &Volume,
     policy: Policy,
+    asked: Option<u64>,
     device: &str,
     dropped: Option<&Dropped>,
 ) -> VolumePlan {
@@ -688,5 +744,12 @@ fn volume_plan(
             format!("{} is smaller than the filesystem ({}) but holds its data (minimum {}): new filesystem, files copied", size(i.size), size(v.size_bytes), size(v.min_size_bytes)),
         )
     };
+    if asked.is_some() && matches!(plan.action, Action::RestoreImage | Action::RestoreFiles) {
+        plan.reason = format!(
+            "size set by the operator: {}; {}",
+            size(i.size),
+            plan.reason
+        );
+    }
     plan
 }

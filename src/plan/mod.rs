@@ -96,6 +96,38 @@ pub struct Plan {
     pub dropped: Vec<Dropped>,
     pub warnings: Vec<String>,
     pub policy: Policy,
+    /// What the operator changed (the guided screens); empty otherwise.
+    #[serde(default, skip_serializing_if = "Adjust::is_empty")]
+    pub adjust: Adjust,
+}
+
+/// What the operator changed on the plan screen.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Adjust {
+    /// Non-critical volumes left out: not restored, no partition.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Volume id -> the size asked for, in bytes.
+    #[serde(default)]
+    pub sizes: Vec<(String, u64)>,
+}
+
+impl Adjust {
+    pub fn is_empty(&self) -> bool {
+        self.exclude.is_empty() && self.sizes.is_empty()
+    }
+
+    pub fn excluded(&self, id: &str) -> bool {
+        self.exclude.iter().any(|v| v == id)
+    }
+
+    pub fn size_of(&self, id: &str) -> Option<u64> {
+        self.sizes.iter().find(|(v, _)| v == id).map(|&(_, s)| s)
+    }
+
+    fn touches(&self, id: &str) -> bool {
+        self.excluded(id) || self.size_of(id).is_some()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,6 +239,9 @@ pub enum PlanError {
     NoTargets(String),
     #[error("{0}")]
     CriticalTooBig(String),
+    /// An operator's change the layout cannot take.
+    #[error("{0}")]
+    Adjust(String),
 }
 
 pub(crate) const MIB: u64 = 1 << 20;
@@ -218,6 +253,19 @@ pub fn plan(
     map: &[(String, String)],
     policy: Policy,
 ) -> Result<Plan, PlanError> {
+    plan_adjusted(m, targets, map, policy, &Adjust::default())
+}
+
+/// The plan with the operator's exclusions and sizes; a change the disks
+/// cannot take is an error, never a silently dropped volume.
+pub fn plan_adjusted(
+    m: &Manifest,
+    targets: &[TargetDisk],
+    map: &[(String, String)],
+    policy: Policy,
+    adjust: &Adjust,
+) -> Result<Plan, PlanError> {
+    check_adjust(m, adjust)?;
     let mut warnings = Vec::new();
     let mapping = mapping::map_disks(m, targets, map, &mut warnings)?;
     let mut plan = Plan {
@@ -227,6 +275,7 @@ pub fn plan(
         dropped: Vec::new(),
         warnings: Vec::new(),
         policy,
+        adjust: adjust.clone(),
     };
     for (saved, target, reason) in &mapping {
         plan.disks.push(DiskMapping {
@@ -248,7 +297,7 @@ pub fn plan(
             .filter(|(_, tt, _)| *tt == t)
             .map(|(s, _, _)| *s)
             .collect();
-        let out = layout::layout(m, &targets[t], &saved, policy, &mut warnings)?;
+        let out = layout::layout(m, &targets[t], &saved, policy, adjust, &mut warnings)?;
         plan.targets.push(out.target);
         plan.volumes.extend(out.volumes);
         plan.dropped.extend(out.dropped);
@@ -257,6 +306,94 @@ pub fn plan(
     plan.volumes.sort_by_key(|v| layout::priority(m, &v.id));
     plan.warnings = warnings;
     Ok(plan)
+}
+
+fn check_adjust(m: &Manifest, adjust: &Adjust) -> Result<(), PlanError> {
+    let ids = adjust
+        .exclude
+        .iter()
+        .chain(adjust.sizes.iter().map(|(v, _)| v));
+    for id in ids {
+        if m.volume(id).is_none() {
+            return Err(PlanError::Adjust(format!(
+                "no volume named {id} in the saved layout"
+            )));
+        }
+    }
+    for id in &adjust.exclude {
+        if m.volume(id).is_some_and(|v| v.role.is_critical()) {
+            return Err(PlanError::Adjust(format!(
+                "{id} is a boot-critical volume and cannot be excluded"
+            )));
+        }
+    }
+    for (id, bytes) in &adjust.sizes {
+        let Some(v) = m.volume(id) else { continue };
+        if *bytes < v.min_size_bytes {
+            return Err(PlanError::Adjust(format!(
+                "{id} needs at least {} (its data); {} is too small",
+                crate::report::size(v.min_size_bytes),
+                crate::report::size(*bytes)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The smallest and largest size `volume` can be given, with everything
+/// else as `adjust` has it, without dropping a volume the plan keeps now.
+pub fn size_bounds(
+    m: &Manifest,
+    targets: &[TargetDisk],
+    map: &[(String, String)],
+    policy: Policy,
+    adjust: &Adjust,
+    volume: &str,
+) -> Result<(u64, u64), PlanError> {
+    let now = plan_adjusted(m, targets, map, policy, adjust)?;
+    let v = now
+        .volumes
+        .iter()
+        .find(|v| v.id == volume)
+        .ok_or_else(|| PlanError::Adjust(format!("no volume named {volume} in the plan")))?;
+    if v.action == Action::Drop {
+        return Err(PlanError::Adjust(format!("{volume} is not restored")));
+    }
+    let with = |bytes: u64| {
+        let mut a = adjust.clone();
+        a.sizes.retain(|(id, _)| id != volume);
+        a.sizes.push((volume.to_string(), bytes));
+        a
+    };
+    let keeps = |bytes: u64| {
+        plan_adjusted(m, targets, map, policy, &with(bytes)).is_ok_and(|p| {
+            p.dropped
+                .iter()
+                .all(|d| now.dropped.iter().any(|n| n.id == d.id))
+        })
+    };
+    let lo = v.min_size_bytes.max(1).div_ceil(MIB) * MIB;
+    if !keeps(lo) {
+        return Err(PlanError::Adjust(format!(
+            "{volume} cannot be resized on {}: no room besides the other volumes",
+            v.target_disk
+        )));
+    }
+    // The plan is monotonic in the size: fits up to some bound, not beyond.
+    let disk = targets
+        .iter()
+        .find(|t| t.device == v.target_disk)
+        .map_or(lo, |t| t.size_bytes);
+    let (mut ok, mut bad) = (lo / MIB, disk / MIB + 1);
+    while bad - ok > 1 {
+        let mid = ok + (bad - ok) / 2;
+        if keeps(mid * MIB) {
+            ok = mid;
+        } else {
+            bad = mid;
+        }
+    }
+    Ok((lo, ok * MIB))
 }
 
 impl Plan {

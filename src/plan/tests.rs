@@ -2519,3 +2519,192 @@ fn a_disk_of_the_saved_size_holds_the_whole_saved_layout() {
         assert_eq!(v.size_bytes, v.saved_size_bytes, "{}", v.id);
     }
 }
+
+// ---------------------------------------------------------------------------
+// The operator's adjustments (the guided plan screen)
+// ---------------------------------------------------------------------------
+
+fn adjusted(m: &Manifest, t: &[TargetDisk], sizing: Sizing, a: &Adjust) -> Result<Plan, PlanError> {
+    plan_adjusted(
+        m,
+        t,
+        &[],
+        Policy {
+            sizing,
+            ..Policy::default()
+        },
+        a,
+    )
+}
+
+#[test]
+fn an_excluded_data_volume_frees_its_space_for_the_others() {
+    let m = server();
+    let t = [target("vda", 32 * GIB)];
+    let before = adjusted(&m, &t, Sizing::Proportional, &Adjust::default()).unwrap();
+    let a = Adjust {
+        exclude: vec!["data".into()],
+        ..Adjust::default()
+    };
+    let p = adjusted(&m, &t, Sizing::Proportional, &a).unwrap();
+    assert_eq!(vol(&p, "data").action, Action::Drop);
+    assert!(p
+        .dropped
+        .iter()
+        .any(|d| d.id == "data" && d.reason.contains("excluded by the operator")));
+    assert!(!tgt(&p, "/dev/vda")
+        .partitions
+        .iter()
+        .any(|pp| pp.volume.as_deref() == Some("data")));
+    assert!(vol(&p, "root").size_bytes > vol(&before, "root").size_bytes);
+    assert_eq!(p.adjust, a);
+}
+
+#[test]
+fn what_boots_cannot_be_excluded_and_unknown_names_are_errors() {
+    let m = server();
+    let t = [target("vda", 32 * GIB)];
+    for (a, want) in [
+        (
+            Adjust {
+                exclude: vec!["root".into()],
+                ..Adjust::default()
+            },
+            "cannot be excluded",
+        ),
+        (
+            Adjust {
+                exclude: vec!["esp".into()],
+                ..Adjust::default()
+            },
+            "cannot be excluded",
+        ),
+        (
+            Adjust {
+                exclude: vec!["nope".into()],
+                ..Adjust::default()
+            },
+            "no volume named nope",
+        ),
+        (
+            Adjust {
+                sizes: vec![("nope".into(), GIB)],
+                ..Adjust::default()
+            },
+            "no volume named nope",
+        ),
+        (
+            Adjust {
+                sizes: vec![("root".into(), GIB)],
+                ..Adjust::default()
+            },
+            "needs at least 2 GiB",
+        ),
+    ] {
+        let e = adjusted(&m, &t, Sizing::Proportional, &a)
+            .unwrap_err()
+            .to_string();
+        assert_contains(&e, want);
+    }
+}
+
+#[test]
+fn an_asked_size_is_kept_and_the_rest_shares_what_is_left() {
+    let m = server();
+    let t = [target("vda", 32 * GIB)];
+    for sizing in [Sizing::Proportional, Sizing::GrowLast] {
+        let a = Adjust {
+            sizes: vec![("root".into(), 5 * GIB + 1)],
+            ..Adjust::default()
+        };
+        let p = adjusted(&m, &t, sizing, &a).unwrap();
+        assert_eq!(vol(&p, "root").size_bytes, 5 * GIB + MIB, "{sizing:?}");
+        assert_contains(&vol(&p, "root").reason, "size set by the operator");
+        // data takes the rest of the disk: nothing is left unallocated.
+        let last = tgt(&p, "/dev/vda")
+            .partitions
+            .iter()
+            .map(|pp| pp.end_bytes())
+            .max()
+            .unwrap();
+        assert!(
+            32 * GIB - last < 2 * MIB,
+            "{sizing:?}: {} left",
+            32 * GIB - last
+        );
+        assert!(vol(&p, "data").size_bytes > 8 * GIB);
+    }
+    // Smaller than saved but above the minimum: files are copied.
+    let a = Adjust {
+        sizes: vec![("root".into(), 3 * GIB)],
+        ..Adjust::default()
+    };
+    let p = adjusted(&m, &t, Sizing::Proportional, &a).unwrap();
+    assert_eq!(vol(&p, "root").action, Action::RestoreFiles);
+}
+
+#[test]
+fn a_size_too_big_is_refused_naming_the_most_it_can_have() {
+    let m = server();
+    let t = [target("vda", 16 * GIB)];
+    let a = Adjust {
+        sizes: vec![("root".into(), 15 * GIB)],
+        ..Adjust::default()
+    };
+    let e = adjusted(&m, &t, Sizing::Proportional, &a)
+        .unwrap_err()
+        .to_string();
+    assert_contains(&e, "root: 15 GiB does not fit on /dev/vda; at most");
+}
+
+#[test]
+fn size_bounds_are_exactly_what_fits() {
+    let m = server();
+    let t = [target("vda", 16 * GIB)];
+    let policy = Policy::default();
+    let (lo, hi) = size_bounds(&m, &t, &[], policy, &Adjust::default(), "root").unwrap();
+    assert_eq!(lo, 2 * GIB);
+    let at = |bytes: u64| Adjust {
+        sizes: vec![("root".into(), bytes)],
+        ..Adjust::default()
+    };
+    for b in [lo, hi] {
+        let p = plan_adjusted(&m, &t, &[], policy, &at(b)).unwrap();
+        assert!(p.dropped.is_empty(), "{b}: {:?}", p.dropped);
+        assert_eq!(vol(&p, "root").size_bytes, b);
+    }
+    let over = plan_adjusted(&m, &t, &[], policy, &at(hi + MIB));
+    assert!(over.is_err() || !over.unwrap().dropped.is_empty());
+    // The other volumes at their minimums take the rest.
+    assert!(hi > 8 * GIB && hi < 16 * GIB, "{hi}");
+}
+
+#[test]
+fn an_adjusted_same_size_disk_no_longer_keeps_the_saved_layout() {
+    let m = crate::manifest::tests::sample();
+    let t = [twin(&m, "disk0", "vda"), twin(&m, "disk1", "vdb")];
+    let a = Adjust {
+        exclude: vec!["data".into()],
+        ..Adjust::default()
+    };
+    let p = plan_adjusted(&m, &t, &[], Policy::default(), &a).unwrap();
+    assert!(!tgt(&p, "/dev/vda")
+        .reason
+        .contains("same size as the saved disk"));
+    assert_contains(&tgt(&p, "/dev/vdb").reason, "same size as the saved disk");
+    assert_eq!(vol(&p, "data").action, Action::Drop);
+}
+
+#[test]
+fn plans_saved_before_adjustments_still_read() {
+    let m = server();
+    let p = ok(&m, &[target("vda", 32 * GIB)], &[], Policy::default());
+    let mut v = serde_json::to_value(&p).unwrap();
+    assert!(
+        v.get("adjust").is_none(),
+        "an empty adjustment is not written"
+    );
+    v.as_object_mut().unwrap().remove("adjust");
+    let back: Plan = serde_json::from_value(v).unwrap();
+    assert_eq!(back, p);
+}

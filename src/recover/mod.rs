@@ -7,6 +7,7 @@
 pub mod adapt;
 pub mod chain;
 pub mod commands;
+pub mod events;
 pub mod phase_two;
 
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use crate::manifest::Manifest;
-use crate::plan::{Action, Plan, Policy};
+use crate::plan::{Action, Plan, Policy, VolumePlan};
 
 /// Where the images are, as `bmr.source=` / `--source` name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,18 +166,20 @@ pub struct Options<'a> {
 pub struct Done {
     /// The phase-two directory on the target, when installed.
     pub phase_two: Option<PathBuf>,
+    /// Volumes restored now, and those left for phase two.
+    pub restored: Vec<String>,
+    pub later: Vec<String>,
+    pub steps: Vec<chain::Step>,
 }
 
-/// Runs phase one; prints each step. Refuses before any write without consent.
+/// Runs phase one unattended: plans here, prints the plan, and refuses
+/// before any write without consent.
 pub fn phase_one(m: &Manifest, o: &Options) -> Result<Done> {
-    let started = chain::now();
     let Some(spec) = o.source else {
         bail!("no backup source: give bmr.source= (tape:/dev/nst0, file:DIR, file:LABEL=X:/DIR or an http(s):// URL); nothing was written");
     };
     // Mounted before planning, so the disk that holds it counts as in use.
     let (src, _mounted) = open_source(spec)?;
-    let mut steps = Vec::new();
-    let t = Instant::now();
     let (targets, plan) =
         crate::targets::plan_here(m, &[], o.medium, o.map, Policy::default(), &mut |w| {
             println!("warning: {w}")
@@ -185,65 +188,138 @@ pub fn phase_one(m: &Manifest, o: &Options) -> Result<Done> {
     if let Err(why) = consent(o.wipe, &plan) {
         bail!("unattended recovery refused: {why}; nothing was written");
     }
-    let critical: Vec<_> = plan
-        .volumes
-        .iter()
-        .filter(|v| v.role.is_critical())
-        .collect();
-    // Every image is found before the first disk is touched.
-    let mut work = Vec::new();
-    for v in &critical {
-        let vol = m.volume(&v.id);
-        match v.action {
-            Action::RestoreImage | Action::RestoreFiles => {
-                let img = image_of(&src, vol.and_then(|x| x.image.as_deref()), &v.id)?;
-                if v.action == Action::RestoreFiles && matches!(src, Source::Tape(_)) {
-                    bail!("volume {} must be restored file by file (its partition is smaller than the filesystem), which a tape cannot serve; use a larger disk or a file/HTTP source; nothing was written", v.id);
-                }
-                work.push((v, img));
-            }
-            _ => {}
+    run(m, &plan, spec, &src, o, &mut events::Unattended)
+}
+
+/// One step of phase one.
+enum Work<'p> {
+    Partition,
+    Restore(&'p VolumePlan, String),
+    PhaseTwo,
+}
+
+impl Work<'_> {
+    fn name(&self) -> String {
+        match self {
+            Work::Partition => "write partition tables and filesystems".into(),
+            Work::Restore(v, _) => format!("restore {} onto {}", v.id, v.target_device),
+            Work::PhaseTwo => "install the phase-two environment".into(),
         }
     }
+}
+
+/// The images of the boot-critical volumes, in restore order; found before
+/// the first disk is touched.
+fn critical_images<'p>(m: &Manifest, plan: &'p Plan, src: &Source) -> Result<Vec<Work<'p>>> {
+    let mut work = Vec::new();
+    for v in plan.volumes.iter().filter(|v| v.role.is_critical()) {
+        if !matches!(v.action, Action::RestoreImage | Action::RestoreFiles) {
+            continue;
+        }
+        let img = image_of(src, m.volume(&v.id).and_then(|x| x.image.as_deref()), &v.id)?;
+        if v.action == Action::RestoreFiles && matches!(src, Source::Tape(_)) {
+            bail!("volume {} must be restored file by file (its partition is smaller than the filesystem), which a tape cannot serve; use a larger disk or a file/HTTP source; nothing was written", v.id);
+        }
+        work.push(Work::Restore(v, img));
+    }
+    Ok(work)
+}
+
+/// Phase one on a plan already agreed to: partition tables, the boot and
+/// system volumes, the phase-two environment. Each step is announced to
+/// `obs`; a failed step is retried, skipped or ends the run as it answers.
+pub fn run(
+    m: &Manifest,
+    plan: &Plan,
+    spec: &str,
+    src: &Source,
+    o: &Options,
+    obs: &mut dyn events::Observer,
+) -> Result<Done> {
+    let started = chain::now();
+    let mut work = vec![Work::Partition];
+    work.extend(critical_images(m, plan, src)?);
     if o.phase_two {
-        chain::preflight(m, &plan).map_err(|e| anyhow::anyhow!("{e:#}; nothing was written"))?;
+        chain::preflight(m, plan).map_err(|e| anyhow::anyhow!("{e:#}; nothing was written"))?;
+        work.push(Work::PhaseTwo);
     }
-    let protected = crate::targets::medium_protection(o.medium);
-    crate::apply::apply(
-        m,
-        &plan,
-        &crate::apply::Options {
-            keep_on_error: false,
-            journal: o.journal.clone(),
-            protected,
-        },
-    )?;
-    println!(
-        "partition tables written: {}",
-        plan.target_devices().join(", ")
-    );
-    steps.push(chain::Step {
-        name: "plan and partition".into(),
-        seconds: t.elapsed().as_secs_f64(),
-        result: plan.target_devices().join(", "),
-    });
-    for (v, img) in &work {
-        let t = Instant::now();
-        let dev = Path::new(&v.target_device);
-        println!(
-            "restoring {} ({:?}) from {img} onto {}",
-            v.id,
-            v.role,
-            dev.display()
-        );
-        restore_one(img, dev, v.action, o.secret.as_deref())
-            .with_context(|| format!("restoring volume {} onto {}", v.id, dev.display()))?;
-        steps.push(chain::Step {
-            name: format!("restore {}", v.id),
-            seconds: t.elapsed().as_secs_f64(),
-            result: format!("onto {}", dev.display()),
-        });
+    obs.event(events::Event::Steps(work.iter().map(Work::name).collect()));
+    let mut steps: Vec<chain::Step> = Vec::new();
+    let mut installed = None;
+    for (index, w) in work.iter().enumerate() {
+        obs.event(events::Event::Step { index });
+        loop {
+            let t = Instant::now();
+            let outcome = match w {
+                Work::Partition => partition(m, plan, o),
+                Work::Restore(v, img) => {
+                    let dev = Path::new(&v.target_device);
+                    println!(
+                        "restoring {} ({:?}) from {img} onto {}",
+                        v.id,
+                        v.role,
+                        dev.display()
+                    );
+                    restore_one(img, dev, v.action, o.secret.as_deref())
+                        .with_context(|| {
+                            format!("restoring volume {} onto {}", v.id, dev.display())
+                        })
+                        .map(|()| format!("onto {}", dev.display()))
+                }
+                Work::PhaseTwo => {
+                    let state = chain::State {
+                        source: spec.to_string(),
+                        plan: plan.clone(),
+                        firmware: chain::firmware_here(),
+                        cmdline: o.cmdline.clone(),
+                        started: started.clone(),
+                        phase_one: steps.clone(),
+                        warnings: plan.warnings.clone(),
+                    };
+                    install_phase_two(m, plan, o, state, t).map(|dir| {
+                        let s = dir.display().to_string();
+                        installed = Some(dir);
+                        s
+                    })
+                }
+            };
+            match outcome {
+                Ok(result) => {
+                    let seconds = t.elapsed().as_secs_f64();
+                    obs.event(events::Event::StepDone {
+                        index,
+                        seconds,
+                        result: result.clone(),
+                    });
+                    steps.push(chain::Step {
+                        name: w.name(),
+                        seconds,
+                        result,
+                    });
+                    break;
+                }
+                Err(e) => {
+                    let trouble = events::Trouble {
+                        step: w.name(),
+                        error: format!("{e:#}"),
+                        // Every step of phase one is needed to boot.
+                        critical: true,
+                    };
+                    match obs.trouble(&trouble) {
+                        events::Choice::Retry => println!("retrying: {}", w.name()),
+                        _ => return Err(e),
+                    }
+                }
+            }
+        }
     }
+    let restored: Vec<&str> = work
+        .iter()
+        .filter_map(|w| match w {
+            Work::Restore(v, _) => Some(v.id.as_str()),
+            _ => None,
+        })
+        .collect();
     let later: Vec<&str> = plan
         .volumes
         .iter()
@@ -254,49 +330,62 @@ pub fn phase_one(m: &Manifest, o: &Options) -> Result<Done> {
         .collect();
     println!(
         "phase one done: {} restored{}",
-        work.iter()
-            .map(|(v, _)| v.id.as_str())
-            .collect::<Vec<_>>()
-            .join(", "),
+        restored.join(", "),
         if later.is_empty() {
             String::new()
         } else {
             format!("; left for phase two: {}", later.join(", "))
         }
     );
-    if !o.phase_two {
-        return Ok(Done { phase_two: None });
+    if installed.is_some() {
+        println!(
+            "phase two installed on {}: it starts at the next boot from that disk",
+            plan.volumes
+                .iter()
+                .find(|v| v.role.is_critical())
+                .map_or("the target", |v| v.target_disk.as_str())
+        );
     }
-    let t = Instant::now();
-    let mut state = chain::State {
-        source: spec.to_string(),
-        plan: plan.clone(),
-        firmware: chain::firmware_here(),
-        cmdline: o.cmdline.clone(),
-        started,
-        phase_one: steps,
-        warnings: plan.warnings.clone(),
-    };
-    let sys = chain::Mounted::new(m, &plan, Path::new("/run/bmr/target"))?;
+    Ok(Done {
+        phase_two: installed,
+        restored: restored.iter().map(|s| s.to_string()).collect(),
+        later: later.iter().map(|s| s.to_string()).collect(),
+        steps,
+    })
+}
+
+fn partition(m: &Manifest, plan: &Plan, o: &Options) -> Result<String> {
+    crate::apply::apply(
+        m,
+        plan,
+        &crate::apply::Options {
+            keep_on_error: false,
+            journal: o.journal.clone(),
+            protected: crate::targets::medium_protection(o.medium),
+        },
+    )?;
+    let disks = plan.target_devices().join(", ");
+    println!("partition tables written: {disks}");
+    Ok(disks)
+}
+
+fn install_phase_two(
+    m: &Manifest,
+    plan: &Plan,
+    o: &Options,
+    mut state: chain::State,
+    t: Instant,
+) -> Result<PathBuf> {
+    let sys = chain::Mounted::new(m, plan, Path::new("/run/bmr/target"))?;
     let dir = chain::install(m, o.medium, &mut state, &sys)
         .context("installing the phase-two environment on the target")?;
     state.phase_one.push(chain::Step {
-        name: "phase-two environment".into(),
+        name: "install the phase-two environment".into(),
         seconds: t.elapsed().as_secs_f64(),
         result: dir.display().to_string(),
     });
     chain::write_state(&dir, &state)?;
-    drop(sys);
-    println!(
-        "phase two installed on {}: it starts at the next boot from that disk",
-        plan.volumes
-            .iter()
-            .find(|v| v.role.is_critical())
-            .map_or("the target", |v| v.target_disk.as_str())
-    );
-    Ok(Done {
-        phase_two: Some(dir),
-    })
+    Ok(dir)
 }
 
 fn restore_one(img: &str, dev: &Path, action: Action, secret: Option<&[u8]>) -> Result<()> {

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 #![allow(dead_code)]
 pub mod qemu;
+pub mod tmux;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
