@@ -339,10 +339,7 @@ fn disks(f: &mut Frame, app: &App, look: &Look, area: Rect) {
     match &app.plan {
         Ok(p) => {
             for d in &p.disks {
-                why.push(Line::raw(format!(
-                    "{} -> {}: {}",
-                    d.saved, d.target, d.reason
-                )));
+                why.push(Line::raw(mapping_line(app, d)));
             }
             for w in &p.warnings {
                 why.push(Line::styled(format!("warning: {w}"), look.bad()));
@@ -687,10 +684,7 @@ fn done(f: &mut Frame, app: &App, look: &Look, area: Rect) {
     if let Ok(p) = &app.plan {
         lines.push(Line::raw(""));
         for d in &p.disks {
-            lines.push(Line::raw(format!(
-                "{} -> {}: {}",
-                d.saved, d.target, d.reason
-            )));
+            lines.push(Line::raw(mapping_line(app, d)));
         }
         if !p.warnings.is_empty() {
             lines.push(Line::raw(""));
