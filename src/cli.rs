@@ -186,6 +186,10 @@ pub enum Cmd {
         /// Stop after restoring the boot and system volumes, as for `recover`.
         #[arg(long)]
         no_phase_two: bool,
+        /// Phase two (booted from the restored disk; --medium is its copy of
+        /// the medium): show it running, then its report.
+        #[arg(long)]
+        phase_two_run: bool,
         #[command(flatten)]
         key: KeyArgs,
     },
@@ -542,6 +546,7 @@ pub fn run() -> Result<ExitCode> {
             log,
             journal,
             no_phase_two,
+            phase_two_run,
             key,
         } => {
             if let Some(d) = log.parent() {
@@ -559,6 +564,7 @@ pub fn run() -> Result<ExitCode> {
                 log,
                 journal,
                 phase_two: !no_phase_two,
+                phase_two_run,
                 cmdline: std::fs::read_to_string("/proc/cmdline").unwrap_or_default(),
             })?;
             return Ok(ExitCode::from(crate::tui::EXIT_REBOOT));

@@ -420,20 +420,38 @@ fn guided(ms: &Machines, src: &Source, work: &Path) -> String {
         all_zero(proposed),
         "the disk the operator did not choose was written"
     );
+    // Phase two shows its screens too (bmr.mode=guided is carried over):
+    // its steps as they run, then the report, and waits for Enter.
     let cfg = QemuConfig::new()
         .memory_mb(1024)
         .disk(Disk::new(chosen, Interface::Virtio))
         .disk(Disk::new(&src.backup, Interface::Virtio).snapshot());
-    let two = boot(
-        &ms.logs,
-        "guided-phase-two",
-        &cfg,
-        &[
-            "recovery of srcmachine: phase two",
-            "BMR-RECOVERY-DONE status=ok",
-        ],
-        900,
+    let t = Instant::now();
+    let vm = common::tmux::TmuxQemu::start(&ms.logs.join("guided-phase-two"), &cfg, 100, 30);
+    let step = |want: &[&str], secs: u64| {
+        vm.wait_screen(want, Duration::from_secs(secs))
+            .unwrap_or_else(|e| panic!("guided phase two: {e}"))
+    };
+    step(
+        &["bmr recovery phase two · Progress", "[x] [0] restore"],
+        600,
     );
+    let done = step(&["Phase two finished: the recovery is complete."], 900);
+    let two = t.elapsed().as_secs_f64();
+    for want in [
+        "Status: ok",
+        "[x] [10] a third-party restore program",
+        "[x] put the system's boot loader back",
+        "Press Enter to boot the restored system.",
+    ] {
+        assert!(
+            done.contains(want),
+            "no \"{want}\" on the done screen:\n{done}"
+        );
+    }
+    vm.keys(&["Enter"]);
+    vm.wait_exit(Duration::from_secs(60)).unwrap();
+    drop(vm);
     let cfg = QemuConfig::new()
         .memory_mb(1024)
         .disk(Disk::new(chosen, Interface::Virtio));

@@ -36,6 +36,9 @@ pub fn args(flags: &Flags, tty: &str, medium: Option<&Path>) -> Vec<String> {
     if let Some(m) = medium {
         a.extend(["--medium".into(), m.display().to_string()]);
     }
+    if flags.phase == 2 {
+        a.push("--phase-two-run".into());
+    }
     if let Some(s) = &flags.source {
         a.extend(["--source".into(), s.clone()]);
     }

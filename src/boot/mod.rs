@@ -438,6 +438,18 @@ fn hand_over(
     }
 }
 
+/// Unattended phase two: a command whose on_error is `shell` gets the
+/// console's shell (run_all never asks when bmr.lock is set).
+struct ConsoleShell;
+
+impl crate::recover::events::Observer for ConsoleShell {
+    fn event(&mut self, _: crate::recover::events::Event) {}
+    fn trouble(&mut self, _: &crate::recover::events::Trouble) -> crate::recover::events::Choice {
+        pid1::shell();
+        crate::recover::events::Choice::Retry
+    }
+}
+
 /// Console markers a supervisor (or a test) waits for.
 pub const PHASE_ONE_DONE: &str = "BMR-PHASE-ONE-DONE";
 pub const RECOVERY_DONE: &str = "BMR-RECOVERY-DONE";
@@ -453,7 +465,14 @@ fn phase_two(flags: &Flags, medium: Option<(&Path, &crate::manifest::Manifest)>)
         ));
     };
     say(&format!("recovery of {}: phase two", m.system.hostname));
-    match crate::recover::phase_two::run(dev, m, flags.lock, &mut |l| say(l)) {
+    if flags.mode == Mode::Guided {
+        guided::run(flags, Some(dev));
+        return Some(format!(
+            "{RECOVERY_FAILED} the phase-two screens ended without a reboot; see {}/guided-*.log",
+            pid1::LOG_DIR
+        ));
+    }
+    match crate::recover::phase_two::run(dev, m, flags.lock, &mut |l| say(l), &mut ConsoleShell) {
         Ok(r) => {
             say(&format!(
                 "{RECOVERY_DONE} status={} report=/{}",

@@ -153,6 +153,8 @@ pub fn carried_args(cmdline: &str) -> Vec<String> {
         .split_whitespace()
         .filter(|a| {
             a.starts_with("console=")
+                // Guided phase one: phase two shows its screens too.
+                || *a == "bmr.mode=guided"
                 || *a == "bmr.lock"
                 || *a == "bmr.debug"
                 || a.starts_with("bmr.console=")
@@ -204,9 +206,11 @@ pub fn install(m: &Manifest, medium: &Path, state: &mut State, sys: &Mounted) ->
         .context("writing the phase-two initramfs")?;
 
     let mut args = carried_args(&state.cmdline);
+    if !args.iter().any(|a| a.starts_with("bmr.mode=")) {
+        args.push("bmr.mode=auto".to_string());
+    }
     args.extend([
         "bmr.phase=2".to_string(),
-        "bmr.mode=auto".to_string(),
         format!("bmr.medium=UUID={}:{within}/{MEDIUM}", boot.uuid),
     ]);
     state.cmdline = args.join(" ");
@@ -336,6 +340,10 @@ mod tests {
         assert_eq!(
             carried_args("BOOT_IMAGE=/x console=tty0 console=ttyS0,115200 bmr.mode=auto bmr.wipe=all bmr.lock quiet"),
             ["console=tty0", "console=ttyS0,115200", "bmr.lock"]
+        );
+        assert_eq!(
+            carried_args("console=ttyS0 bmr.mode=guided bmr.source=file:/x"),
+            ["console=ttyS0", "bmr.mode=guided"]
         );
     }
 

@@ -20,6 +20,11 @@ pub enum Event {
     StepSkipped {
         index: usize,
     },
+    /// The step failed and the run went on (a command whose on_error says so).
+    StepFailed {
+        index: usize,
+        result: String,
+    },
     /// Long work inside a step: bytes done of total.
     Progress {
         what: String,
@@ -41,6 +46,9 @@ pub struct Trouble {
     pub error: String,
     /// A critical step cannot be skipped: the machine would not boot.
     pub critical: bool,
+    /// Whether ending the run is one of the answers (a phase-two command
+    /// whose on_error is `shell` runs again after the shell, whatever comes).
+    pub abort: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

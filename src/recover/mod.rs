@@ -304,6 +304,7 @@ pub fn run(
                         error: format!("{e:#}"),
                         // Every step of phase one is needed to boot.
                         critical: true,
+                        abort: true,
                     };
                     match obs.trouble(&trouble) {
                         events::Choice::Retry => println!("retrying: {}", w.name()),

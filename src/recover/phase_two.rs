@@ -15,6 +15,7 @@ use serde::Serialize;
 use super::adapt;
 use super::chain::{self, Mounted, State, Step};
 use super::commands::{self, Outcome};
+use super::events::{Event, Observer, Trouble};
 use crate::apply::journal::{Journal, State as JournalState};
 use crate::manifest::{Command, Firmware, Manifest, OnError};
 use crate::plan::{Action, Plan};
@@ -48,7 +49,15 @@ pub struct CatalogResult {
 
 /// Runs phase two from the medium copy in the phase-two directory; the
 /// caller reboots. `say` reaches every console.
-pub fn run(medium: &Path, m: &Manifest, lock: bool, say: &mut dyn FnMut(&str)) -> Result<Report> {
+/// Runs phase two; `say` gets every line, `obs` the steps (the screens
+/// draw them) and, for a command whose on_error is `shell`, the question.
+pub fn run(
+    medium: &Path,
+    m: &Manifest,
+    lock: bool,
+    say: &mut dyn FnMut(&str),
+    obs: &mut dyn Observer,
+) -> Result<Report> {
     let dir = medium
         .parent()
         .context("the medium copy has no directory")?
@@ -96,6 +105,23 @@ pub fn run(medium: &Path, m: &Manifest, lock: bool, say: &mut dyn FnMut(&str)) -
     let restores = restore_commands(m, &state.plan, &source)?;
     let mut cmds: Vec<&Command> = restores.iter().collect();
     cmds.extend(commands::of_phase(&m.commands, 2));
+    let mut names: Vec<String> = cmds
+        .iter()
+        .map(|c| format!("[{}] {}", c.sequence, c.description))
+        .collect();
+    let after = [
+        "verify the catalog",
+        "adapt to this hardware",
+        "put the system's boot loader back",
+    ];
+    names.extend(after.iter().map(|s| s.to_string()));
+    obs.event(Event::Steps(names));
+    let index_of = |seq: u32| cmds.iter().position(|c| c.sequence == seq);
+    if let Some(first) = cmds.first() {
+        obs.event(Event::Step {
+            index: index_of(first.sequence).unwrap_or(0),
+        });
+    }
     let env = vec![
         ("BMR_TARGET".to_string(), TARGET.to_string()),
         ("BMR_SOURCE".to_string(), state.source.clone()),
@@ -108,6 +134,18 @@ pub fn run(medium: &Path, m: &Manifest, lock: bool, say: &mut dyn FnMut(&str)) -
         .collect();
     let t = Instant::now();
     let mut journal_error = None;
+    let n = cmds.len();
+    // Both callbacks report to the observer; a cell lets them share it.
+    let obs = std::cell::RefCell::new(obs);
+    for seq in &done {
+        if let Some(index) = index_of(*seq) {
+            obs.borrow_mut().event(Event::StepDone {
+                index,
+                seconds: 0.0,
+                result: "done before the interruption".into(),
+            });
+        }
+    }
     let (ran, result) = commands::run_all(
         &cmds,
         &env,
@@ -115,15 +153,43 @@ pub fn run(medium: &Path, m: &Manifest, lock: bool, say: &mut dyn FnMut(&str)) -
         lock,
         &|seq| done.contains(&seq),
         &mut |o: &Outcome| {
+            let index = index_of(o.sequence).unwrap_or(0);
+            let mut obs = obs.borrow_mut();
             if o.status == commands::Status::Ok {
                 if let Err(e) = journal.record(&format!("command:{}", o.sequence)) {
                     journal_error = Some(e);
                 }
+                obs.event(Event::StepDone {
+                    index,
+                    seconds: o.seconds,
+                    result: commands::describe(&o.status),
+                });
+            } else {
+                obs.event(Event::StepFailed {
+                    index,
+                    result: commands::describe(&o.status),
+                });
             }
+            obs.event(Event::Step {
+                index: (index + 1).min(n),
+            });
         },
-        &mut |_c, _o| crate::boot::pid1::shell(),
+        &mut |c, o| {
+            let t = Trouble {
+                step: format!("[{}] {}", c.sequence, c.description),
+                error: format!(
+                    "{} {}; its on_error is shell: look around, then it runs once more",
+                    c.program,
+                    commands::describe(&o.status)
+                ),
+                critical: c.critical,
+                abort: false,
+            };
+            obs.borrow_mut().trouble(&t);
+        },
         &mut |line| say(line),
     );
+    let obs = obs.into_inner();
     if let Some(e) = journal_error {
         return Err(e);
     }
@@ -153,6 +219,7 @@ pub fn run(medium: &Path, m: &Manifest, lock: bool, say: &mut dyn FnMut(&str)) -
 
     // 2. The catalog, before adaptation changes fstab and the initramfs.
     let t = Instant::now();
+    obs.event(Event::Step { index: n });
     if let Some(cat) = &m.catalog {
         let data = crate::medium::read_file(medium, &cat.file)?;
         let v = crate::capture::catalog::verify(&sys.root, &data)?;
@@ -171,9 +238,17 @@ pub fn run(medium: &Path, m: &Manifest, lock: bool, say: &mut dyn FnMut(&str)) -
         });
         report.phase_two.push(step("catalog", t));
     }
+    obs.event(Event::StepDone {
+        index: n,
+        seconds: t.elapsed().as_secs_f64(),
+        result: report.catalog.as_ref().map_or("no catalog".into(), |c| {
+            format!("{} files checked, {} differ", c.checked, c.mismatches.len())
+        }),
+    });
 
     // 3. Adaptation to the hardware found.
     let t = Instant::now();
+    obs.event(Event::Step { index: n + 1 });
     let now = crate::probe::hardware::profile(Path::new("/sys"), Path::new("/proc"));
     let diff = adapt::compare(&m.hardware, &now);
     let moved = moved_disks(m, &state.plan);
@@ -188,14 +263,25 @@ pub fn run(medium: &Path, m: &Manifest, lock: bool, say: &mut dyn FnMut(&str)) -
         journal.record("adapt")?;
     }
     report.phase_two.push(step("adapt", t));
+    obs.event(Event::StepDone {
+        index: n + 1,
+        seconds: t.elapsed().as_secs_f64(),
+        result: format!("{} changes", report.adaptation.len()),
+    });
 
     // 4. The system's own boot loader, which ends the phase-two entry.
     let t = Instant::now();
+    obs.event(Event::Step { index: n + 2 });
     if !journal.done("bootloader") {
         bootloader(&state, &sys.root, say)?;
         journal.record("bootloader")?;
     }
     report.phase_two.push(step("bootloader", t));
+    obs.event(Event::StepDone {
+        index: n + 2,
+        seconds: t.elapsed().as_secs_f64(),
+        result: "done".into(),
+    });
 
     report.finished = chain::now();
     write_report(&sys.root, &report)?;

@@ -149,6 +149,8 @@ pub struct App {
     /// `bmr.lock`: no shell anywhere.
     pub lock: bool,
     pub colour: bool,
+    /// 1, or 2 when the screens watch phase two.
+    pub phase: u8,
 }
 
 impl App {
@@ -170,7 +172,15 @@ impl App {
             trouble: None,
             lock,
             colour,
+            phase: 1,
         }
+    }
+
+    /// Phase two runs by itself from the start: the screens only show it.
+    pub fn watch_phase_two(&mut self) {
+        self.phase = 2;
+        self.screen = Screen::Progress;
+        self.message = None;
     }
 
     /// A medium was read: the saved system and the disks here, planned.
@@ -611,7 +621,8 @@ impl App {
         };
         let answer = match c {
             KeyCode::Char('r') => Choice::Retry,
-            KeyCode::Char('s') if !t.critical => Choice::Skip,
+            KeyCode::Char('s') if !t.critical && t.abort => Choice::Skip,
+            KeyCode::Char('s') if !t.abort => return Effect::Nothing,
             KeyCode::Char('s') => {
                 self.say(
                     Tone::Error,
@@ -620,7 +631,7 @@ impl App {
                 return Effect::Nothing;
             }
             KeyCode::Char('h') if !self.lock => return Effect::Shell,
-            KeyCode::Char('a') => Choice::Abort,
+            KeyCode::Char('a') if t.abort => Choice::Abort,
             _ => return Effect::Nothing,
         };
         self.trouble = None;
@@ -671,6 +682,12 @@ impl App {
             Event::StepSkipped { index } => {
                 if let Some(s) = r.steps.get_mut(index) {
                     s.status = Status::Skipped;
+                }
+            }
+            Event::StepFailed { index, result } => {
+                if let Some(s) = r.steps.get_mut(index) {
+                    s.status = Status::Failed;
+                    s.result = result;
                 }
             }
             Event::Progress {

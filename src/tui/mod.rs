@@ -41,6 +41,8 @@ pub struct Options {
     pub log: PathBuf,
     pub journal: PathBuf,
     pub phase_two: bool,
+    /// Booted from the restored disk: watch phase two run (`medium` is its copy).
+    pub phase_two_run: bool,
     pub cmdline: String,
 }
 
@@ -108,11 +110,15 @@ pub fn run(o: Options) -> Result<Exit> {
         _lock: None,
         o,
     };
-    if let Some(spec) = r.o.source.clone() {
-        r.open_source(&mut app, &spec);
-    }
-    if let Some(m) = r.o.medium.clone() {
-        r.load_medium(&mut app, &m.display().to_string());
+    if r.o.phase_two_run {
+        r.phase_two(&mut app)?;
+    } else {
+        if let Some(spec) = r.o.source.clone() {
+            r.open_source(&mut app, &spec);
+        }
+        if let Some(m) = r.o.medium.clone() {
+            r.load_medium(&mut app, &m.display().to_string());
+        }
     }
     term::install_panic_restore();
     let mut tui = term::Tui::enter(tty.try_clone()?)?;
@@ -394,6 +400,96 @@ impl Runner {
         self.events = Some(erx);
         self.answers = Some(atx);
     }
+}
+
+impl Runner {
+    /// Phase two on its own thread, the screens showing it.
+    fn phase_two(&mut self, app: &mut App) -> Result<()> {
+        let medium = self
+            .o
+            .medium
+            .clone()
+            .context("phase two needs its copy of the recovery medium (--medium)")?;
+        let m = crate::medium::load_manifest(&medium)?;
+        app.start.medium = Some(medium.display().to_string());
+        app.machine = Some(Machine {
+            manifest: m.clone(),
+            targets: Vec::new(),
+            transport: HashMap::new(),
+        });
+        app.plan = medium
+            .parent()
+            .context("the medium copy has no directory")
+            .and_then(crate::recover::chain::read_state)
+            .map(|s| s.plan)
+            .map_err(|e| format!("{e:#}"));
+        app.watch_phase_two();
+        let (etx, erx) = mpsc::channel();
+        let (atx, arx) = mpsc::channel();
+        let lock = self.o.lock;
+        std::thread::spawn(move || {
+            let mut obs = events::Channel {
+                events: etx.clone(),
+                answers: arx,
+            };
+            let result = crate::recover::phase_two::run(
+                &medium,
+                &m,
+                lock,
+                &mut |l| println!("{l}"),
+                &mut obs,
+            )
+            .map(|r| {
+                println!(
+                    "{} status={} report=/{}",
+                    crate::boot::RECOVERY_DONE,
+                    r.status,
+                    crate::recover::phase_two::REPORT
+                );
+                report_lines(&r)
+            })
+            .map_err(|e| {
+                println!("{} {e:#}", crate::boot::RECOVERY_FAILED);
+                format!("{e:#}")
+            });
+            let _ = etx.send(Event::Finished(result));
+        });
+        self.events = Some(erx);
+        self.answers = Some(atx);
+        Ok(())
+    }
+}
+
+/// The phase-two report, for the done screen.
+fn report_lines(r: &crate::recover::phase_two::Report) -> Vec<String> {
+    let mut out = vec![format!(
+        "Status: {}; the report is in /{} on the restored system.",
+        r.status,
+        crate::recover::phase_two::REPORT
+    )];
+    let restored: Vec<String> = r
+        .plan
+        .volumes
+        .iter()
+        .filter(|v| !matches!(v.action, crate::plan::Action::Drop))
+        .map(|v| format!("{} ({})", v.id, v.action))
+        .collect();
+    out.push(format!("Volumes: {}", restored.join(", ")));
+    if r.hardware.is_empty() {
+        out.push("Hardware: as saved.".into());
+    } else {
+        out.push("Hardware differences:".into());
+        out.extend(r.hardware.iter().map(|h| format!("  {h}")));
+    }
+    out.extend(r.adaptation.iter().map(|a| format!("Adapted: {a}")));
+    out.extend(r.warnings.iter().map(|w| format!("Warning: {w}")));
+    let one: f64 = r.phase_one.iter().map(|s| s.seconds).sum();
+    let two: f64 = r.phase_two.iter().map(|s| s.seconds).sum();
+    out.push(format!(
+        "Took {one:.0} s in phase one, {two:.0} s in phase two."
+    ));
+    out.push("Press Enter to boot the restored system.".into());
+    out
 }
 
 fn summary(d: &crate::recover::Done) -> Vec<String> {

@@ -396,6 +396,7 @@ fn trouble_offers_only_what_applies() {
         step: "restore root onto /dev/vdb2".into(),
         error: "restoring volume root onto /dev/vdb2: chunk 812 at offset 3.1 GiB does not match its checksum".into(),
         critical: true,
+        abort: true,
     }));
     assert_eq!(a.screen, Screen::Trouble);
     assert_eq!(press(&mut a, KeyCode::Char('s')), Effect::Nothing);
@@ -413,6 +414,7 @@ fn trouble_offers_only_what_applies() {
         step: "run command 3".into(),
         error: "exit status 2".into(),
         critical: false,
+        abort: true,
     }));
     assert_eq!(press(&mut a, KeyCode::Char('h')), Effect::Nothing);
     assert_eq!(
@@ -533,4 +535,70 @@ fn screens() {
         "restoring volume root onto /dev/vdb2: the tape drive reports no medium".into(),
     )));
     snap("done_failed", &f);
+}
+
+#[test]
+fn phase_two_shows_its_commands_and_its_report() {
+    let mut a = app();
+    a.watch_phase_two();
+    assert_eq!(a.screen, Screen::Progress);
+    a.on_event(Event::Steps(vec![
+        "[0] restore data".into(),
+        "[10] a third-party restore program".into(),
+        "verify the catalog".into(),
+        "adapt to this hardware".into(),
+        "put the system's boot loader back".into(),
+    ]));
+    a.on_event(Event::Step { index: 0 });
+    a.on_event(Event::StepDone {
+        index: 0,
+        seconds: 12.0,
+        result: "succeeded".into(),
+    });
+    a.on_event(Event::Step { index: 1 });
+    a.on_event(Event::StepFailed {
+        index: 1,
+        result: "exited with status 3".into(),
+    });
+    a.log("[10] /opt/vendor/restore --all".into());
+    a.log("[10] vendor: cannot reach the license server".into());
+    // on_error = shell: the shell, then the command runs again; nothing else.
+    a.on_event(Event::Trouble(Trouble {
+        step: "[10] a third-party restore program".into(),
+        error: "/opt/vendor/restore exited with status 3; its on_error is shell: look around, then it runs once more".into(),
+        critical: false,
+        abort: false,
+    }));
+    snap("phase_two_shell", &a);
+    assert_eq!(press(&mut a, KeyCode::Char('a')), Effect::Nothing);
+    assert_eq!(press(&mut a, KeyCode::Char('s')), Effect::Nothing);
+    assert_eq!(press(&mut a, KeyCode::Char('h')), Effect::Shell);
+    assert_eq!(
+        press(&mut a, KeyCode::Char('r')),
+        Effect::Answer(Choice::Retry)
+    );
+    a.on_event(Event::StepDone {
+        index: 1,
+        seconds: 3.0,
+        result: "succeeded".into(),
+    });
+    for i in 2..5 {
+        a.on_event(Event::Step { index: i });
+        a.on_event(Event::StepDone {
+            index: i,
+            seconds: 1.0,
+            result: "done".into(),
+        });
+    }
+    a.on_event(Event::Finished(Ok(vec![
+        "Status: ok; the report is in /var/log/bmr-recovery.json on the restored system.".into(),
+        "Volumes: root (restore-image), data (restore-image)".into(),
+        "Hardware differences:".into(),
+        "  disk0 was on virtio, now on nvme".into(),
+        "Adapted: initramfs rebuilt with update-initramfs for nvme".into(),
+        "Took 41 s in phase one, 112 s in phase two.".into(),
+        "Press Enter to boot the restored system.".into(),
+    ])));
+    snap("phase_two_done", &a);
+    assert_eq!(press(&mut a, KeyCode::Enter), Effect::Reboot);
 }

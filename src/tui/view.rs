@@ -98,7 +98,8 @@ pub fn draw(f: &mut Frame, app: &App) {
         .unwrap_or_default();
     f.render_widget(
         Paragraph::new(format!(
-            " bmr recovery · {}{machine}",
+            " bmr recovery{} · {}{machine}",
+            if app.phase == 2 { " phase two" } else { "" },
             screen_name(app.screen)
         ))
         .style(look.title()),
@@ -145,14 +146,12 @@ fn help_line(app: &App) -> String {
         }
         Screen::Key => "type the passphrase · Enter check it · Esc back".into(),
         Screen::Confirm => "type the disk names · Enter proceed · Esc back".into(),
-        Screen::Progress => "working; nothing to press".into(),
-        Screen::Trouble => {
-            let skip = match &app.trouble {
-                Some(t) if !t.critical => " · s skip",
-                _ => "",
-            };
-            format!("r retry{skip}{shell} · a abort")
-        }
+        Screen::Progress => "working; nothing to press (Ctrl-L redraws)".into(),
+        Screen::Trouble => match &app.trouble {
+            Some(t) if !t.abort => format!("r run it again{shell}"),
+            Some(t) if !t.critical => format!("r retry · s skip{shell} · a abort"),
+            _ => format!("r retry{shell} · a abort"),
+        },
         Screen::Done => format!("Enter reboot{shell}"),
     }
 }
@@ -252,14 +251,14 @@ fn disks(f: &mut Frame, app: &App, look: &Look, area: Rect) {
         .map(|(i, d)| {
             let target = app.target_of(&d.id).unwrap_or_else(|| "-".into());
             let chosen = app.map.iter().any(|(s, _)| s == &d.id);
-            let row = Row::new(vec![
-                Cell::from(d.id.clone()),
-                Cell::from(truncate(&d.model, 16)),
-                Cell::from(size(d.size_bytes)),
-                Cell::from(d.logical_sector_size.to_string()),
-                Cell::from(d.transport.clone()),
-                Cell::from(format!("{target}{}", if chosen { " (yours)" } else { "" })),
-            ]);
+            let row = disk_row(
+                &d.id,
+                &d.model,
+                d.size_bytes,
+                d.logical_sector_size,
+                &d.transport,
+                format!("{target}{}", if chosen { " (yours)" } else { "" }),
+            );
             if i == app.cursor {
                 row.style(look.selected())
             } else {
@@ -268,19 +267,7 @@ fn disks(f: &mut Frame, app: &App, look: &Look, area: Rect) {
         })
         .collect();
     f.render_widget(
-        Table::new(
-            rows,
-            [
-                Constraint::Length(6),
-                Constraint::Length(16),
-                Constraint::Length(10),
-                Constraint::Length(5),
-                Constraint::Length(7),
-                Constraint::Min(10),
-            ],
-        )
-        .header(Row::new(["saved", "model", "size", "sect", "ctrl", "goes to"]).style(look.head()))
-        .block(Block::new().borders(Borders::TOP).title("Saved disks")),
+        disk_table(rows, 6, ["saved", "goes to"], "Saved disks", look),
         saved_area,
     );
     let rows: Vec<Row> = m
@@ -304,14 +291,14 @@ fn disks(f: &mut Frame, app: &App, look: &Look, area: Rect) {
                     }
                 }
             };
-            let row = Row::new(vec![
-                Cell::from(t.device.clone()),
-                Cell::from(truncate(&t.model, 16)),
-                Cell::from(size(t.size_bytes)),
-                Cell::from(t.logical_sector_size.to_string()),
-                Cell::from(m.transport.get(&t.device).cloned().unwrap_or_default()),
-                Cell::from(role),
-            ]);
+            let row = disk_row(
+                &t.device,
+                &t.model,
+                t.size_bytes,
+                t.logical_sector_size,
+                m.transport.get(&t.device).map_or("", String::as_str),
+                role,
+            );
             if t.protected.is_some() {
                 row.style(look.dim())
             } else {
@@ -320,19 +307,7 @@ fn disks(f: &mut Frame, app: &App, look: &Look, area: Rect) {
         })
         .collect();
     f.render_widget(
-        Table::new(
-            rows,
-            [
-                Constraint::Length(12),
-                Constraint::Length(16),
-                Constraint::Length(10),
-                Constraint::Length(5),
-                Constraint::Length(7),
-                Constraint::Min(10),
-            ],
-        )
-        .header(Row::new(["found", "model", "size", "sect", "ctrl", "use"]).style(look.head()))
-        .block(Block::new().borders(Borders::TOP).title("Disks found here")),
+        disk_table(rows, 12, ["found", "use"], "Disks found here", look),
         found_area,
     );
     let mut why: Vec<Line> = Vec::new();
@@ -358,6 +333,47 @@ fn disks(f: &mut Frame, app: &App, look: &Look, area: Rect) {
         ));
     }
     f.render_widget(Paragraph::new(why).wrap(Wrap { trim: false }), why_area);
+}
+
+/// Saved and found disks are listed alike, so they can be compared.
+fn disk_row<'a>(
+    name: &str,
+    model: &str,
+    bytes: u64,
+    sector: u32,
+    ctrl: &str,
+    last: String,
+) -> Row<'a> {
+    Row::new(vec![
+        Cell::from(name.to_string()),
+        Cell::from(truncate(model, 16)),
+        Cell::from(size(bytes)),
+        Cell::from(sector.to_string()),
+        Cell::from(ctrl.to_string()),
+        Cell::from(last),
+    ])
+}
+
+fn disk_table<'a>(
+    rows: Vec<Row<'a>>,
+    first: u16,
+    [head, tail]: [&'a str; 2],
+    title: &'a str,
+    look: &Look,
+) -> Table<'a> {
+    Table::new(
+        rows,
+        [
+            Constraint::Length(first),
+            Constraint::Length(16),
+            Constraint::Length(10),
+            Constraint::Length(5),
+            Constraint::Length(7),
+            Constraint::Min(10),
+        ],
+    )
+    .header(Row::new([head, "model", "size", "sect", "ctrl", tail]).style(look.head()))
+    .block(Block::new().borders(Borders::TOP).title(title))
 }
 
 fn plan(f: &mut Frame, app: &App, look: &Look, area: Rect) {
@@ -645,8 +661,20 @@ fn trouble(f: &mut Frame, app: &App, look: &Look, area: Rect) {
         Line::raw(t.error.clone()),
         Line::raw(""),
         Line::styled("What now:", look.head()),
-        Line::raw("  r  retry the step (after fixing the cause, e.g. from a shell)"),
+        Line::raw(if t.abort {
+            "  r  retry the step (after fixing the cause, e.g. from a shell)"
+        } else {
+            "  r  run it again now"
+        }),
     ];
+    if !t.abort {
+        if !app.lock {
+            lines.push(Line::raw("  h  open a shell; leave it to come back here"));
+        }
+        f.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }), what_area);
+        log_pane(f, app, look, log_area);
+        return;
+    }
     if t.critical {
         lines.push(Line::raw(
             "     (skip is not offered: the machine cannot boot without this step)",
@@ -668,7 +696,12 @@ fn done(f: &mut Frame, app: &App, look: &Look, area: Rect) {
     let mut lines = Vec::new();
     match &app.run.finished {
         Some(Ok(summary)) => {
-            lines.push(Line::styled("Phase one finished.", look.good()));
+            let what = if app.phase == 2 {
+                "Phase two finished: the recovery is complete."
+            } else {
+                "Phase one finished."
+            };
+            lines.push(Line::styled(what, look.good()));
             for s in summary {
                 lines.push(Line::raw(s.clone()));
             }
@@ -698,6 +731,9 @@ fn done(f: &mut Frame, app: &App, look: &Look, area: Rect) {
 
 /// The planner says "mapped by --map"; here the operator chose it.
 fn mapping_line(app: &App, d: &crate::plan::DiskMapping) -> String {
+    if app.phase == 2 {
+        return format!("saved {} is now {}", d.saved, d.target);
+    }
     let why = if app.map.iter().any(|(s, _)| *s == d.saved) {
         "chosen by you"
     } else {
