@@ -130,9 +130,15 @@ pub fn run(flags: &Flags, medium: Option<&Path>) {
             continue;
         };
         if how == Some(i32::from(crate::tui::EXIT_REBOOT)) {
-            pid1::quiet(false);
-            say("the operator asked for a reboot");
-            pid1::reboot(Duration::from_secs(2));
+            // Not while another console's recovery is writing.
+            if crate::tui::lock_run().is_ok() {
+                pid1::quiet(false);
+                say("the operator asked for a reboot");
+                pid1::reboot(Duration::from_secs(2));
+            }
+            say(&format!(
+                "a reboot was asked for on {tty} while the recovery runs on another console: refused"
+            ));
         }
         let died = deaths.entry(tty.clone()).or_default();
         died.retain(|t| t.elapsed() < WINDOW);

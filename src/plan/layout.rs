@@ -488,7 +488,7 @@ fn size_items(
         .map(|&i| min(vol(items, i)) + ebr(&items[i]))
         .sum();
     if need > budget {
-        if let Some(e) = asked_too_big(items, &order, adjust, budget, need, align, t) {
+        if let Some(e) = asked_too_big(items, &critical, adjust, budget, need, align, t) {
             return Err(e);
         }
         let list: Vec<String> = critical
@@ -510,8 +510,19 @@ fn size_items(
         items[i].size = min(vol(items, i));
     }
     let mut total: u64 = order.iter().map(|&i| items[i].size + ebr(&items[i])).sum();
-    // Room for an asked-for size is never made by dropping another volume.
-    if total > budget {
+    // Room for an asked-for size is never made by dropping another volume:
+    // only what would not fit anyway (the asked volumes at their minimum)
+    // is dropped, and never an asked one.
+    let extra: u64 = order
+        .iter()
+        .filter_map(|&i| {
+            let v = vol(items, i);
+            adjust
+                .size_of(&v.id)
+                .map(|_| items[i].size - round_up(v.min_size_bytes.max(align), align))
+        })
+        .sum();
+    if total > budget && total - extra <= budget {
         if let Some(e) = asked_too_big(items, &order, adjust, budget, total, align, t) {
             return Err(e);
         }
@@ -521,7 +532,7 @@ fn size_items(
             break;
         }
         let v = vol(items, i);
-        if v.role.is_critical() {
+        if v.role.is_critical() || adjust.size_of(&v.id).is_some() {
             continue;
         }
         total -= items[i].size + ebr(&items[i]);
@@ -537,6 +548,14 @@ fn size_items(
                 size(total)
             ),
         });
+    }
+    if total > budget {
+        // Only asked-for sizes can leave it over: the rest was dropped.
+        return Err(
+            asked_too_big(items, &order, adjust, budget, total, align, t).unwrap_or_else(|| {
+                PlanError::Adjust(format!("the volumes do not fit on {}", t.device))
+            }),
+        );
     }
     let mut spare = budget - total;
     let kept: Vec<usize> = order
@@ -610,7 +629,7 @@ fn asked_too_big(
         .find(|&&i| adjust.size_of(&vol(items, i).id).is_some())?;
     let v = vol(items, i);
     let asked = round_up(adjust.size_of(&v.id)?.max(align), align);
-    let most = round_down(budget.saturating_sub(total - asked), align);
+    let most = round_down(budget.saturating_sub(total.saturating_sub(asked)), align);
     Some(PlanError::Adjust(format!(
         "{}: {} does not fit on {}; at most {}",
         v.id,

@@ -2708,3 +2708,46 @@ fn plans_saved_before_adjustments_still_read() {
     let back: Plan = serde_json::from_value(v).unwrap();
     assert_eq!(back, p);
 }
+
+#[test]
+fn on_a_disk_too_small_for_everything_the_rest_can_still_be_resized() {
+    let m = server();
+    // Room for esp, boot, root and swap at their minimums, not for data too.
+    let t = [target("vda", 5 * GIB)];
+    let before = adjusted(&m, &t, Sizing::Proportional, &Adjust::default()).unwrap();
+    assert!(
+        before.dropped.iter().any(|d| d.id == "data"),
+        "{:?}",
+        before.dropped
+    );
+    let (lo, hi) = size_bounds(&m, &t, &[], Policy::default(), &Adjust::default(), "root").unwrap();
+    assert_eq!(lo, 2 * GIB);
+    assert!(hi > lo);
+    let a = Adjust {
+        sizes: vec![("root".into(), hi)],
+        ..Adjust::default()
+    };
+    let p = adjusted(&m, &t, Sizing::Proportional, &a).unwrap();
+    assert_eq!(vol(&p, "root").size_bytes, hi);
+    let ids = |p: &Plan| p.dropped.iter().map(|d| d.id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&p), ids(&before), "nothing more is dropped");
+    // Beyond the bound: an error, not a panic or another volume dropped.
+    let a = Adjust {
+        sizes: vec![("root".into(), hi + 64 * MIB)],
+        ..Adjust::default()
+    };
+    assert!(adjusted(&m, &t, Sizing::Proportional, &a).is_err());
+}
+
+#[test]
+fn an_asked_data_size_never_blames_the_boot_volumes() {
+    let m = server();
+    let t = [target("vda", 2 * GIB)];
+    let a = Adjust {
+        sizes: vec![("data".into(), 6 * GIB)],
+        ..Adjust::default()
+    };
+    // The critical volumes alone do not fit: that is the error, said as before.
+    let e = adjusted(&m, &t, Sizing::Proportional, &a).unwrap_err();
+    assert!(matches!(e, PlanError::CriticalTooBig(_)), "{e}");
+}

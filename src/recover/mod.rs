@@ -307,7 +307,10 @@ pub fn run(
                         abort: true,
                     };
                     match obs.trouble(&trouble) {
-                        events::Choice::Retry => println!("retrying: {}", w.name()),
+                        events::Choice::Retry => {
+                            println!("retrying: {}", w.name());
+                            obs.event(events::Event::Step { index });
+                        }
                         _ => return Err(e),
                     }
                 }

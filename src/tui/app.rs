@@ -709,12 +709,14 @@ impl App {
             }
             Event::Log(line) => self.log(line),
             Event::Trouble(t) => {
-                if let Some(s) = self
-                    .run
-                    .steps
-                    .iter_mut()
-                    .find(|s| s.status == Status::Running)
-                {
+                // The step by its name: phase two may have moved on to the
+                // next one before asking.
+                let steps = &mut self.run.steps;
+                let at = steps
+                    .iter()
+                    .position(|s| s.name == t.step)
+                    .or_else(|| steps.iter().position(|s| s.status == Status::Running));
+                if let Some(s) = at.and_then(|i| steps.get_mut(i)) {
                     s.status = Status::Failed;
                 }
                 self.trouble = Some(t);

@@ -129,7 +129,16 @@ pub fn run(o: Options) -> Result<Exit> {
     loop {
         tail.read_into(&mut app);
         if let Some(rx) = &r.events {
-            while let Ok(e) = rx.try_recv() {
+            loop {
+                let e = match rx.try_recv() {
+                    Ok(e) => e,
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    // The worker ended without a word: it panicked.
+                    Err(mpsc::TryRecvError::Disconnected) => Event::Finished(Err(format!(
+                        "the recovery stopped on an internal error (a bug in bmr); the log is in {}",
+                        r.o.log.display()
+                    ))),
+                };
                 let finished = matches!(e, Event::Finished(_));
                 app.on_event(e);
                 if finished {
@@ -356,9 +365,8 @@ impl Runner {
         match lock_run() {
             Ok(f) => self._lock = Some(f),
             Err(e) => {
-                app.on_event(Event::Finished(Err(format!(
-                    "{e:#}; nothing was written here"
-                ))));
+                app.screen = app::Screen::Confirm;
+                app.say(Tone::Error, format!("{e:#}; follow it there"));
                 return;
             }
         }
@@ -424,6 +432,17 @@ impl Runner {
             .map(|s| s.plan)
             .map_err(|e| format!("{e:#}"));
         app.watch_phase_two();
+        // Every console shows phase two; one runs it.
+        match lock_run() {
+            Ok(f) => self._lock = Some(f),
+            Err(_) => {
+                app.say(
+                    Tone::Info,
+                    "phase two runs on another console: follow it there",
+                );
+                return Ok(());
+            }
+        }
         let (etx, erx) = mpsc::channel();
         let (atx, arx) = mpsc::channel();
         let lock = self.o.lock;
@@ -519,9 +538,11 @@ fn describe(spec: &str, src: &Source) -> String {
     }
 }
 
+pub const RUN_LOCK: &str = "/run/bmr/recover.lock";
+
 /// One recovery at a time on this machine.
-fn lock_run() -> Result<File> {
-    let path = Path::new("/run/bmr/recover.lock");
+pub fn lock_run() -> Result<File> {
+    let path = Path::new(RUN_LOCK);
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
     }

@@ -224,7 +224,10 @@ pub fn install_panic_restore() {
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         // try_lock: a panic while the lock is held must not deadlock here.
-        if let Ok(mut g) = PANIC_TTY.try_lock() {
+        // Only the screens' own thread gives the terminal back: a worker's
+        // panic is reported on the screen, which goes on.
+        let main = std::thread::current().name() == Some("main");
+        if let (true, Ok(mut g)) = (main, PANIC_TTY.try_lock()) {
             if let Some(t) = g.as_mut() {
                 let _ = restore(t);
             }
