@@ -159,6 +159,16 @@ impl HttpStore {
         Ok(url)
     }
 
+    /// An image's header, read from the front of the download, which is
+    /// then dropped: enough to check a key before anything is written.
+    pub fn header(url: &str) -> Result<crate::image::format::Header> {
+        let r = agent().get(url).call().map_err(|e| status_error(url, e))?;
+        let mut reader = std::io::BufReader::new(r.into_reader());
+        let (h, _) = crate::image::format::read_header(&mut reader)
+            .with_context(|| format!("reading the header of {}", redact(url)))?;
+        Ok(h)
+    }
+
     /// Downloads a file (an image) into `to`.
     pub fn fetch(url: &str, to: &Path) -> Result<()> {
         let r = agent().get(url).call().map_err(|e| status_error(url, e))?;

@@ -550,10 +550,22 @@ impl App {
             self.replan();
             self.say(Tone::Error, e);
         } else {
-            self.say(
-                Tone::Info,
-                format!("{id} excluded: it will not be restored"),
-            );
+            // A disk left with nothing to restore is still written: say so.
+            let bare = self.plan.as_ref().ok().and_then(|p| {
+                let disk = &p.volumes.iter().find(|v| v.id == id)?.target_disk;
+                let any = p
+                    .volumes
+                    .iter()
+                    .any(|v| &v.target_disk == disk && v.action != crate::plan::Action::Drop);
+                (!any).then(|| disk.clone())
+            });
+            let text = match bare {
+                Some(d) => format!(
+                    "{id} excluded: it will not be restored; {d} still gets a new, empty partition table"
+                ),
+                None => format!("{id} excluded: it will not be restored"),
+            };
+            self.say(Tone::Info, text);
         }
     }
 

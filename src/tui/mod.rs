@@ -284,19 +284,21 @@ impl Runner {
 
     fn open_source(&mut self, app: &mut App, spec: &str) {
         self._mounted = None;
+        // A URL's credentials are never shown.
+        let shown = crate::image::http::redact(spec);
         match crate::recover::open_source(spec) {
             Ok((src, mounted)) => {
-                app.start.source = Ok(describe(spec, &src));
+                app.start.source = Ok(describe(&shown, &src));
                 self.spec = Some(spec.to_string());
                 self.source = Some(src);
                 self._mounted = mounted;
-                app.say(Tone::Info, format!("backup source {spec} reached"));
+                app.say(Tone::Info, format!("backup source {shown} reached"));
                 if app.machine.is_some() {
                     app.key = self.key_need(app);
                 }
             }
             Err(e) => {
-                app.start.source = Err(format!("{spec}: {e:#}"));
+                app.start.source = Err(format!("{shown}: {e:#}"));
                 self.spec = None;
                 self.source = None;
             }
@@ -305,20 +307,30 @@ impl Runner {
 
     /// The header of the first boot-critical image, when the source lets it
     /// be read without moving a tape.
+    /// The header of the first boot-critical image, where it can be read
+    /// without moving a tape: a file repository, or the front of an HTTP
+    /// download.
     fn first_header(&self, app: &App) -> Option<(PathBuf, crate::image::format::Header)> {
-        let Some(Source::Dir(dir)) = &self.source else {
-            return None;
-        };
         let m = &app.machine.as_ref()?.manifest;
         let v = m
             .volumes
             .iter()
             .filter(|v| v.role.is_critical())
             .find_map(|v| v.image.as_deref())?;
-        let path = dir.join(v);
-        let mut f = std::io::BufReader::new(File::open(&path).ok()?);
-        let (h, _) = crate::image::format::read_header(&mut f).ok()?;
-        Some((path, h))
+        match self.source.as_ref()? {
+            Source::Dir(dir) => {
+                let path = dir.join(v);
+                let mut f = std::io::BufReader::new(File::open(&path).ok()?);
+                let (h, _) = crate::image::format::read_header(&mut f).ok()?;
+                Some((path, h))
+            }
+            Source::Url(u) => {
+                let url = format!("{u}/{v}");
+                let h = crate::image::http::HttpStore::header(&url).ok()?;
+                Some((PathBuf::from(url), h))
+            }
+            Source::Tape(_) => None,
+        }
     }
 
     fn key_need(&self, app: &App) -> KeyNeed {
@@ -330,7 +342,7 @@ impl Runner {
                 _ => {
                     println!(
                         "{} is encrypted: the passphrase is asked before anything is written",
-                        p.display()
+                        crate::image::http::redact(&p.display().to_string())
                     );
                     KeyNeed::Ask
                 }
@@ -343,7 +355,8 @@ impl Runner {
         let Some((p, h)) = self.first_header(app) else {
             return Ok(());
         };
-        crate::image::read::key_for(&h, Some(secret), &p.display().to_string())
+        let what = crate::image::http::redact(&p.display().to_string());
+        crate::image::read::key_for(&h, Some(secret), &what)
             .map(|_| ())
             .map_err(|e| format!("{e:#}"))
     }
@@ -534,7 +547,7 @@ fn describe(spec: &str, src: &Source) -> String {
         Source::Dir(d) => format!("{spec}: {} is not a directory", d.display()),
         Source::Tape(t) if t.exists() => format!("{spec} (tape drive present)"),
         Source::Tape(t) => format!("{spec}: no tape drive {}", t.display()),
-        Source::Url(u) => format!("{u} (checked when the first image is read)"),
+        Source::Url(_) => format!("{spec} (checked when the first image is read)"),
     }
 }
 
