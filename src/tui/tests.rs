@@ -602,3 +602,32 @@ fn phase_two_shows_its_commands_and_its_report() {
     snap("phase_two_done", &a);
     assert_eq!(press(&mut a, KeyCode::Enter), Effect::Reboot);
 }
+
+#[test]
+fn excluding_the_last_volume_of_a_disk_says_the_disk_is_still_written() {
+    let mut a = app();
+    to_plan(&mut a);
+    let ids: Vec<String> = a
+        .plan
+        .as_ref()
+        .expect("plan")
+        .volumes
+        .iter()
+        .map(|v| v.id.clone())
+        .collect();
+    for id in ["home", "archive"] {
+        let at = ids.iter().position(|v| v == id).expect("volume");
+        while a.cursor < at {
+            press(&mut a, KeyCode::Down);
+        }
+        while a.cursor > at {
+            press(&mut a, KeyCode::Up);
+        }
+        press(&mut a, KeyCode::Char('x'));
+    }
+    assert!(
+        matches!(a.message, Some((Tone::Info, ref m)) if m.contains("still gets a new, empty partition table")),
+        "{:?}",
+        a.message
+    );
+}
