@@ -232,7 +232,14 @@ impl Tail {
 
 impl Runner {
     fn load_medium(&mut self, app: &mut App, spec: &str) {
-        let dev = match crate::recover::find_device(spec) {
+        let found = if spec.starts_with("http://") || spec.starts_with("https://") {
+            // A medium image on a server: fetched once, then read like a file.
+            let to = Path::new(crate::boot::pid1::LOG_DIR).join("medium-download.img");
+            crate::image::http::HttpStore::fetch(spec, &to).map(|()| to)
+        } else {
+            crate::recover::find_device(spec)
+        };
+        let dev = match found {
             Ok(d) => d,
             Err(e) => return app.say(Tone::Error, format!("{e:#}")),
         };

@@ -135,7 +135,7 @@ fn help_line(app: &App) -> String {
     match app.screen {
         Screen::Start if app.typing.is_some() => "type, Enter to use it · Esc cancel".into(),
         Screen::Start if app.machine.is_none() => {
-            format!("↑↓ choose · Enter read it · m type device/path · s source{shell}")
+            format!("↑↓ choose · Enter read it · m type device/path/URL · s source{shell}")
         }
         Screen::Start => format!("Enter next · s backup source{shell}"),
         Screen::Disks => {
@@ -214,7 +214,7 @@ fn start(f: &mut Frame, app: &App, look: &Look, area: Rect) {
     if let Some(t) = app.typing {
         lines.push(Line::raw(""));
         let what = match t {
-            Typing::Medium => "Recovery medium (device or image file): ",
+            Typing::Medium => "Recovery medium (device, LABEL=, image file or http(s):// URL): ",
             Typing::Source => {
                 "Backup source (tape:/dev/nst0, file:DIR, file:LABEL=X:/DIR, http(s)://…): "
             }
@@ -321,6 +321,19 @@ fn disks(f: &mut Frame, app: &App, look: &Look, area: Rect) {
             }
         }
         Err(e) => why.push(Line::styled(format!("no plan: {e}"), look.bad())),
+    }
+    // The selected saved disk's identity, to tell it apart from the disks here.
+    if let Some(d) = m.manifest.disks.get(app.cursor) {
+        let mut id = vec![d.model.clone()];
+        for (what, v) in [("serial", &d.serial), ("WWN", &d.wwn), ("path", &d.by_path)] {
+            if !v.is_empty() {
+                id.push(format!("{what} {v}"));
+            }
+        }
+        id.retain(|s| !s.is_empty());
+        if !id.is_empty() {
+            why.push(Line::raw(format!("{} was: {}", d.id, id.join(", "))));
+        }
     }
     for t in m.targets.iter().filter(|t| t.protected.is_some()) {
         why.push(Line::styled(
