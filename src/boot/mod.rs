@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use cmdline::{Flags, Mode};
-use pid1::say;
+use pid1::{say, show};
 
 pub const READY: &str = "rescue system ready";
 const PRELOAD: &str = include_str!("../../initramfs/preload.list");
@@ -431,6 +431,20 @@ fn hand_over(
             }
         }
         Mode::Guided => {
+            // The plan in the boot log too, for whoever reads it later.
+            match medium {
+                Some((dev, m)) => {
+                    let policy = crate::plan::Policy::default();
+                    let mut warn = |w: &str| say(&format!("warning: {w}"));
+                    match crate::targets::plan_here(m, &[], dev, &flags.map, policy, &mut warn) {
+                        Ok((targets, plan)) => show(&crate::report::plan_text(m, &targets, &plan)),
+                        Err(e) => say(&format!("no plan: {e:#}")),
+                    }
+                }
+                None => {
+                    say("nothing to recover without a recovery medium: the screens ask for one")
+                }
+            }
             say("guided recovery: the recovery screens start on every console");
             guided::run(flags, medium.map(|(d, _)| d));
             None

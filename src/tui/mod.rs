@@ -126,8 +126,11 @@ pub fn run(o: Options) -> Result<Exit> {
         file: File::open(&r.o.log)?,
         at: log_start,
     };
+    // Drawn only when something changed: an idle redraw still sends bytes,
+    // and on a serial console they add up.
+    let mut dirty = true;
     loop {
-        tail.read_into(&mut app);
+        dirty |= tail.read_into(&mut app);
         if let Some(rx) = &r.events {
             loop {
                 let e = match rx.try_recv() {
@@ -140,20 +143,24 @@ pub fn run(o: Options) -> Result<Exit> {
                     ))),
                 };
                 let finished = matches!(e, Event::Finished(_));
+                dirty = true;
                 app.on_event(e);
                 if finished {
                     r.events = None;
                     r.answers = None;
                     crate::image::progress::observe(None);
-                    tail.read_into(&mut app);
+                    let _ = tail.read_into(&mut app);
                     break;
                 }
             }
         }
-        tui.terminal.draw(|f| view::draw(f, &app))?;
+        if std::mem::take(&mut dirty) {
+            tui.terminal.draw(|f| view::draw(f, &app))?;
+        }
         let Some(ev) = term::read_key_timeout(Duration::from_millis(150))? else {
             continue;
         };
+        dirty = true;
         let TermEvent::Key(k) = ev else {
             // A resize: the next draw takes the new size.
             continue;
@@ -207,17 +214,18 @@ struct Tail {
 }
 
 impl Tail {
-    fn read_into(&mut self, app: &mut App) {
+    /// True when there were new lines.
+    fn read_into(&mut self, app: &mut App) -> bool {
         if self.file.seek(SeekFrom::Start(self.at)).is_err() {
-            return;
+            return false;
         }
         let mut buf = Vec::new();
         if self.file.read_to_end(&mut buf).is_err() {
-            return;
+            return false;
         }
         // Only whole lines; the rest comes with the next read.
         let Some(end) = buf.iter().rposition(|&b| b == b'\n') else {
-            return;
+            return false;
         };
         self.at += end as u64 + 1;
         for line in String::from_utf8_lossy(&buf[..end]).split('\n') {
@@ -227,6 +235,7 @@ impl Tail {
                 app.log(line.to_string());
             }
         }
+        true
     }
 }
 
