@@ -86,6 +86,26 @@ fn typed(a: &mut App, text: &str) {
     }
 }
 
+/// The plan screen's cursor moved onto volume `id` with the arrow keys,
+/// as an operator would; its row.
+fn select(a: &mut App, id: &str) -> usize {
+    let at = a
+        .plan
+        .as_ref()
+        .expect("plan")
+        .volumes
+        .iter()
+        .position(|v| v.id == id)
+        .expect("volume");
+    while a.cursor < at {
+        press(a, KeyCode::Down);
+    }
+    while a.cursor > at {
+        press(a, KeyCode::Up);
+    }
+    at
+}
+
 fn render(a: &App, w: u16, h: u16) -> String {
     let mut t = Terminal::new(TestBackend::new(w, h)).expect("test terminal");
     t.draw(|f| view::draw(f, a)).expect("draw");
@@ -203,18 +223,7 @@ fn changing_the_mapping_replans_and_never_offers_a_protected_disk() {
 fn resizing_stays_within_the_planners_bounds() {
     let mut a = app();
     to_plan(&mut a);
-    let ids: Vec<String> = a
-        .plan
-        .as_ref()
-        .expect("plan")
-        .volumes
-        .iter()
-        .map(|v| v.id.clone())
-        .collect();
-    let root = ids.iter().position(|v| v == "root").expect("root");
-    for _ in 0..root {
-        press(&mut a, KeyCode::Down);
-    }
+    let root = select(&mut a, "root");
     let size_of = |a: &App| a.plan.as_ref().expect("plan").volumes[root].size_bytes;
     let before = size_of(&a);
     press(&mut a, KeyCode::Char('-'));
@@ -250,26 +259,13 @@ fn resizing_stays_within_the_planners_bounds() {
 fn data_can_be_excluded_but_not_what_boots() {
     let mut a = app();
     to_plan(&mut a);
-    let ids: Vec<String> = a
-        .plan
-        .as_ref()
-        .expect("plan")
-        .volumes
-        .iter()
-        .map(|v| v.id.clone())
-        .collect();
-    let at = |id: &str| ids.iter().position(|v| v == id).expect("volume");
     // The cursor on root: refused.
-    for _ in 0..at("root") {
-        press(&mut a, KeyCode::Down);
-    }
+    select(&mut a, "root");
     press(&mut a, KeyCode::Char('x'));
     assert!(a.adjust.exclude.is_empty());
     assert!(matches!(a.message, Some((Tone::Error, ref m)) if m.contains("cannot be excluded")));
     // On data: excluded, and the plan says so.
-    while a.cursor < at("data") {
-        press(&mut a, KeyCode::Down);
-    }
+    select(&mut a, "data");
     press(&mut a, KeyCode::Char('x'));
     let p = a.plan.as_ref().expect("plan");
     let data = p.volumes.iter().find(|v| v.id == "data").expect("data");
@@ -607,22 +603,8 @@ fn phase_two_shows_its_commands_and_its_report() {
 fn excluding_the_last_volume_of_a_disk_says_the_disk_is_still_written() {
     let mut a = app();
     to_plan(&mut a);
-    let ids: Vec<String> = a
-        .plan
-        .as_ref()
-        .expect("plan")
-        .volumes
-        .iter()
-        .map(|v| v.id.clone())
-        .collect();
     for id in ["home", "archive"] {
-        let at = ids.iter().position(|v| v == id).expect("volume");
-        while a.cursor < at {
-            press(&mut a, KeyCode::Down);
-        }
-        while a.cursor > at {
-            press(&mut a, KeyCode::Up);
-        }
+        select(&mut a, id);
         press(&mut a, KeyCode::Char('x'));
     }
     assert!(
