@@ -14,11 +14,9 @@ use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use uuid::Uuid;
 
+use super::codec;
 use super::crypto::{self, Key};
-use super::format::{
-    self, Entry, Header, Kind, ParentRef, Record, Trailer, VolumeInfo, FLAG_COMPRESSED,
-    FLAG_ENCRYPTED,
-};
+use super::format::{self, Entry, Header, Kind, ParentRef, Record, Trailer, VolumeInfo};
 use super::http::{self, HttpStore};
 use super::progress::Progress;
 use super::read::Image;
@@ -126,10 +124,7 @@ fn seal_chunk(
             false,
         ));
     }
-    let id = match key {
-        Some(k) => k.chunk_id(&job.data),
-        None => *blake3::hash(&job.data).as_bytes(),
-    };
+    let id = codec::chunk_id(key, &job.data);
     if let Some(pe) = parent.and_then(|p| p.entry_at(job.offset)) {
         if pe.id == id && pe.raw_len == raw_len && pe.kind != Kind::Zero {
             return Ok((
@@ -160,16 +155,25 @@ fn seal_chunk(
             ));
         }
     }
-    let compressed = zstd::bulk::compress(&job.data, level).context("compressing")?;
-    let (mut flags, mut payload) = if compressed.len() < job.data.len() {
-        (FLAG_COMPRESSED, compressed)
-    } else {
-        (0, job.data)
+    // A chunk that changed since the parent is stored as a delta of the
+    // parent's chunk there: a few changed blocks cost those blocks, not the
+    // whole chunk. In a repository only against a chunk the repository
+    // holds, so any image that shares this chunk finds its base.
+    let base = match parent.and_then(|p| p.entry_at(job.offset).map(|pe| (p, pe))) {
+        Some((p, pe)) if pe.kind != Kind::Zero && store.is_none_or(|s| s.has(&pe.id)) => Some((
+            pe.id,
+            p.chunk(pe)
+                .context("reading the parent's chunk to store a delta")?,
+        )),
+        _ => None,
     };
-    if let Some(k) = key {
-        payload = k.seal(&id, &payload)?;
-        flags |= FLAG_ENCRYPTED;
-    }
+    let (flags, payload) = codec::encode(
+        &job.data,
+        &id,
+        level,
+        base.as_ref().map(|(bid, b)| (bid, &b[..])),
+        key,
+    )?;
     if let Some(s) = store {
         s.put(&id, flags, &payload)?;
         return Ok((

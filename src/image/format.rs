@@ -116,6 +116,8 @@ impl Kind {
 
 pub const FLAG_COMPRESSED: u8 = 1;
 pub const FLAG_ENCRYPTED: u8 = 2;
+/// Compressed against a base chunk whose id leads the (decrypted) payload.
+pub const FLAG_DELTA: u8 = 4;
 const END: u8 = b'E';
 
 #[derive(Debug, Clone, PartialEq, Eq)]

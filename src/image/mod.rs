@@ -4,6 +4,7 @@
 
 pub mod backup;
 pub mod cli;
+pub mod codec;
 pub mod create;
 pub mod crypto;
 pub mod files;

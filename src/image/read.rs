@@ -2,14 +2,15 @@
 //! repository, its key), checked whole before a single byte is restored.
 
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{BufReader, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 
+use super::codec;
 use super::crypto::{self, Key};
-use super::format::{self, Entry, Header, Kind, FLAG_COMPRESSED, FLAG_ENCRYPTED};
+use super::format::{self, Entry, Header, Kind};
 use super::http::{self, HttpStore};
 use super::store::{ChunkStore, DirStore, Store};
 
@@ -39,7 +40,8 @@ pub fn key_for(header: &Header, secret: Option<&[u8]>, what: &str) -> Result<Opt
 }
 
 /// A stored chunk's plain bytes: decrypted, decompressed and checked
-/// against its id. `at` names the chunk in errors.
+/// against its id. `at` names the chunk in errors. For a medium read front
+/// to back, which carries no parent to take a delta's base from.
 pub fn decode(
     key: Option<&Key>,
     raw_len: u32,
@@ -48,35 +50,17 @@ pub fn decode(
     payload: Vec<u8>,
     at: &str,
 ) -> Result<Vec<u8>> {
-    let plain = if flags & FLAG_ENCRYPTED != 0 {
-        let key = key.ok_or_else(|| anyhow!("{at}: encrypted, but no key"))?;
-        key.open(id, &payload).with_context(|| at.to_string())?
-    } else {
-        payload
+    let mut out = vec![0u8; raw_len as usize];
+    let no_base = |_: &codec::BaseRef| -> Result<Vec<u8>> {
+        bail!("a delta of a parent's chunk, but this medium carries full images only")
     };
-    let raw = if flags & FLAG_COMPRESSED != 0 {
-        let mut out = Vec::with_capacity(raw_len as usize);
-        zstd::stream::read::Decoder::new(&plain[..])
-            .with_context(|| at.to_string())?
-            .take(u64::from(raw_len) + 1)
-            .read_to_end(&mut out)
-            .with_context(|| format!("{at}: does not decompress"))?;
-        out
-    } else {
-        plain
-    };
-    ensure!(
-        raw.len() == raw_len as usize,
-        "{at}: {} bytes instead of {raw_len}: damaged",
-        raw.len()
-    );
-    let got = match key {
-        Some(k) => k.chunk_id(&raw),
-        None => *blake3::hash(&raw).as_bytes(),
-    };
-    ensure!(got == *id, "{at}: content does not match its hash: damaged");
-    Ok(raw)
+    codec::decode_into(key, id, flags, payload, &mut out, &no_base, at)?;
+    Ok(out)
 }
+
+/// Deltas of deltas are bounded by the chain; a repository that claims a
+/// deeper one is damaged (or built to loop).
+const MAX_DELTA_DEPTH: usize = 64;
 
 impl Image {
     /// Opens `path` and its parent chain. A missing or wrong parent, a wrong
@@ -202,8 +186,30 @@ impl Image {
 
     /// The chunk's plain bytes, checked against its id.
     pub fn chunk(&self, e: &Entry) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; e.raw_len as usize];
+        self.chunk_into(e, &mut out)?;
+        Ok(out)
+    }
+
+    /// The chunk's plain bytes into `out` (exactly its raw length), checked
+    /// against its id: a restore decodes into buffers it reuses.
+    pub fn chunk_into(&self, e: &Entry, out: &mut [u8]) -> Result<()> {
+        self.chunk_at_depth(e, out, 0)
+    }
+
+    fn chunk_at_depth(&self, e: &Entry, out: &mut [u8], depth: usize) -> Result<()> {
+        ensure!(
+            out.len() == e.raw_len as usize,
+            "chunk at volume offset {}: {} bytes asked for a {}-byte chunk",
+            e.offset,
+            out.len(),
+            e.raw_len
+        );
         match e.kind {
-            Kind::Zero => Ok(vec![0u8; e.raw_len as usize]),
+            Kind::Zero => {
+                out.fill(0);
+                Ok(())
+            }
             Kind::Parent => {
                 let parent = self.parent.as_ref().ok_or_else(|| {
                     anyhow!(
@@ -219,7 +225,7 @@ impl Image {
                     "the parent's chunk at volume offset {} is not the one recorded",
                     e.offset
                 );
-                parent.chunk(pe)
+                parent.chunk_at_depth(pe, out, depth)
             }
             Kind::External => {
                 let store = self
@@ -227,25 +233,94 @@ impl Image {
                     .as_ref()
                     .ok_or_else(|| anyhow!("no repository for chunk at {}", e.offset))?;
                 let (flags, payload) = store.get(&e.id)?;
-                self.decode(e, flags, payload)
+                self.decode_into(e, flags, payload, out, depth)
             }
             Kind::Meta | Kind::Data => {
-                let mut payload = vec![0u8; e.stored_len as usize];
-                self.file
-                    .read_exact_at(&mut payload, e.pos)
-                    .with_context(|| format!("reading the chunk at volume offset {}", e.offset))?;
-                self.decode(e, e.flags, payload)
+                let payload = self.payload(e)?;
+                self.decode_into(e, e.flags, payload, out, depth)
             }
         }
     }
 
-    fn decode(&self, e: &Entry, flags: u8, payload: Vec<u8>) -> Result<Vec<u8>> {
+    /// Tells the kernel the image is read front to back (larger readahead).
+    pub fn advise_sequential(&self) {
+        use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+        use std::os::fd::AsRawFd;
+        let _ = posix_fadvise(
+            self.file.as_raw_fd(),
+            0,
+            0,
+            PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
+        );
+    }
+
+    /// The stored bytes of a chunk held in this image file.
+    pub fn payload(&self, e: &Entry) -> Result<Vec<u8>> {
+        let mut payload = vec![0u8; e.stored_len as usize];
+        self.file
+            .read_exact_at(&mut payload, e.pos)
+            .with_context(|| format!("reading the chunk at volume offset {}", e.offset))?;
+        Ok(payload)
+    }
+
+    /// Decodes a chunk's stored bytes (read by the caller, e.g. ahead of
+    /// time in file order) into `out`.
+    pub fn decode_payload(&self, e: &Entry, payload: Vec<u8>, out: &mut [u8]) -> Result<()> {
+        self.decode_into(e, e.flags, payload, out, 0)
+    }
+
+    fn decode_into(
+        &self,
+        e: &Entry,
+        flags: u8,
+        payload: Vec<u8>,
+        out: &mut [u8],
+        depth: usize,
+    ) -> Result<()> {
         let at = format!(
             "chunk at volume offset {} ({})",
             e.offset,
             self.path.display()
         );
-        decode(self.key.as_ref(), e.raw_len, &e.id, flags, payload, &at)
+        let base = |r: &codec::BaseRef| self.base(e.offset, r, depth + 1);
+        codec::decode_into(self.key.as_ref(), &e.id, flags, payload, out, &base, &at)
+    }
+
+    /// The base chunk a delta at `offset` was made against: the parent's
+    /// chunk there, else (a chunk another image of the repository stored)
+    /// the repository's chunk of that id.
+    fn base(&self, offset: u64, r: &codec::BaseRef, depth: usize) -> Result<Vec<u8>> {
+        ensure!(
+            depth <= MAX_DELTA_DEPTH,
+            "deltas nested deeper than {MAX_DELTA_DEPTH}: damaged"
+        );
+        let mut out = vec![0u8; r.len as usize];
+        if let Some((img, pe)) = self.parent.as_deref().and_then(|p| {
+            p.entry_at(offset)
+                .filter(|pe| pe.id == r.id && pe.raw_len == r.len && pe.kind != Kind::Zero)
+                .map(|pe| (p, pe))
+        }) {
+            img.chunk_at_depth(pe, &mut out, depth)?;
+            return Ok(out);
+        }
+        let store = self.store.as_ref().ok_or_else(|| {
+            anyhow!(
+                "a delta of chunk {}, which neither the parent nor a repository holds",
+                format::hex(&r.id)
+            )
+        })?;
+        let (flags, payload) = store.get(&r.id)?;
+        let e = Entry {
+            kind: Kind::External,
+            offset,
+            raw_len: r.len,
+            flags,
+            id: r.id,
+            pos: 0,
+            stored_len: 0,
+        };
+        self.decode_into(&e, flags, payload, &mut out, depth)?;
+        Ok(out)
     }
 
     /// Bytes stored in this image file for chunks (not counting parents or repository).

@@ -4,7 +4,7 @@
 //! filesystem is grown to fill the partition.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -23,16 +23,28 @@ const BATCH: usize = 16;
 /// A writer that cannot write past the end of its partition (STYLE.md habit 5).
 pub struct Bounded {
     file: File,
+    /// The same target opened O_DIRECT, where it allows it: aligned chunks
+    /// go to the disk without passing through (and filling) the page cache,
+    /// so the writes run beside decoding instead of in one flush at the end.
+    direct: Option<File>,
     limit: u64,
 }
 
+/// What O_DIRECT writes must be aligned to (a multiple of every logical
+/// sector size).
+pub const DIRECT_ALIGN: usize = 4096;
+
 impl Bounded {
     pub fn new(file: File, limit: u64) -> Bounded {
-        Bounded { file, limit }
+        Bounded {
+            file,
+            direct: None,
+            limit,
+        }
     }
 
-    pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
-        let end = offset.saturating_add(data.len() as u64);
+    fn check(&self, len: usize, offset: u64) -> Result<()> {
+        let end = offset.saturating_add(len as u64);
         if end > self.limit {
             bail!(
                 "refusing to write {}..{end}: past the end of the partition ({} bytes)",
@@ -40,9 +52,30 @@ impl Bounded {
                 self.limit
             );
         }
+        Ok(())
+    }
+
+    pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
+        self.check(data.len(), offset)?;
         self.file
             .write_all_at(data, offset)
             .with_context(|| format!("writing at {offset}"))
+    }
+
+    /// Writes O_DIRECT when the target takes it and `data` is aligned, else
+    /// through the page cache; the same bounds either way.
+    pub fn write_chunk(&self, data: &[u8], offset: u64) -> Result<()> {
+        let aligned = data.as_ptr().align_offset(DIRECT_ALIGN) == 0
+            && data.len() % DIRECT_ALIGN == 0
+            && offset % DIRECT_ALIGN as u64 == 0;
+        match &self.direct {
+            Some(d) if aligned => {
+                self.check(data.len(), offset)?;
+                d.write_all_at(data, offset)
+                    .with_context(|| format!("writing at {offset}"))
+            }
+            _ => self.write_at(data, offset),
+        }
     }
 
     /// Zeroes the first MiB, where filesystems keep their superblock or
@@ -53,6 +86,32 @@ impl Bounded {
 
     pub fn sync(&self) -> Result<()> {
         Ok(self.file.sync_all()?)
+    }
+}
+
+/// A chunk buffer whose bytes start on a DIRECT_ALIGN boundary, in safe
+/// code: a larger Vec, used from its first aligned byte.
+pub struct AlignedBuf {
+    v: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    pub fn new(capacity: usize) -> AlignedBuf {
+        let v = vec![0u8; capacity + DIRECT_ALIGN];
+        let off = v.as_ptr().align_offset(DIRECT_ALIGN);
+        AlignedBuf { v, off, len: 0 }
+    }
+
+    /// The first `len` bytes (at most the capacity).
+    pub fn take(&mut self, len: usize) -> &mut [u8] {
+        self.len = len;
+        &mut self.v[self.off..self.off + len]
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.v[self.off..self.off + self.len]
     }
 }
 
@@ -73,7 +132,15 @@ pub fn open_target(dev: &Path, vol: &super::format::VolumeInfo) -> Result<Bounde
         .write(true)
         .open(dev)
         .with_context(|| format!("opening {} for writing", dev.display()))?;
-    Ok(Bounded::new(file, target))
+    let mut out = Bounded::new(file, target);
+    // Not every target takes O_DIRECT (tmpfs does not); those are written
+    // through the page cache.
+    out.direct = OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(dev)
+        .ok();
+    Ok(out)
 }
 
 #[derive(Debug)]
@@ -111,55 +178,178 @@ pub fn ensure_unused(dev: &Path) -> Result<()> {
 pub fn restore(img: &Image, dev: &Path, grow: bool) -> Result<Restored> {
     let vol = &img.header.volume;
     let out = open_target(dev, vol)?;
+    // Chunks stored in this file in file order (one pass over the image),
+    // then the rest; the boot sector / superblock last: until everything
+    // else is in, the target does not look like a filesystem.
     let mut entries: Vec<&Entry> = img.entries.iter().collect();
-    entries.sort_by_key(|e| e.offset);
-    // Boot sector / superblock last: until everything else is in, the target does not look like a filesystem.
+    entries.sort_by_key(|e| {
+        (
+            !e.kind.has_payload(),
+            if e.kind.has_payload() {
+                e.pos
+            } else {
+                e.offset
+            },
+        )
+    });
     let first = entries
         .iter()
         .position(|e| e.offset == 0)
         .map(|i| entries.remove(i));
     let total: u64 = img.entries.iter().map(|e| u64::from(e.raw_len)).sum();
     let mut progress = Progress::new(&format!("restoring {}", dev.display()), total);
-    let result = std::thread::scope(|scope| -> Result<()> {
+    let result = (|| -> Result<u64> {
         // The start is zeroed first, so an interrupted restore leaves no mountable filesystem.
         out.zero_start()?;
-        // Decoding (both cores) overlaps writing (its own thread).
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(2 * BATCH);
-        let writer = scope.spawn(|| -> Result<u64> {
-            let mut written = 0;
-            for (offset, data) in rx {
-                out.write_at(&data, offset)?;
-                written += data.len() as u64;
-            }
-            Ok(written)
-        });
-        let decoded = (|| -> Result<()> {
-            for batch in entries.chunks(BATCH) {
-                let chunks: Vec<Result<Vec<u8>>> = batch.par_iter().map(|e| img.chunk(e)).collect();
-                for (e, data) in batch.iter().zip(chunks) {
-                    if tx.send((e.offset, data?)).is_err() {
-                        return Ok(()); // the writer failed; its error is reported below
-                    }
-                    progress.add(u64::from(e.raw_len));
-                }
-            }
-            Ok(())
-        })();
-        drop(tx);
-        let written = writer
-            .join()
-            .map_err(|_| anyhow::anyhow!("the writer thread failed"))?;
-        decoded?;
-        written?;
+        pipeline(img, &entries, &out, &mut progress)?;
         if let Some(e) = first {
             let data = img.chunk(e)?;
             out.file.sync_data()?;
             out.write_at(&data, 0)?;
             progress.add(u64::from(e.raw_len));
         }
-        out.file.sync_all().context("flushing the restored volume")
-    });
-    finish(result.map(|()| total), &out, dev, vol, grow, &mut progress)
+        out.file
+            .sync_all()
+            .context("flushing the restored volume")?;
+        Ok(total)
+    })();
+    finish(result, &out, dev, vol, grow, &mut progress)
+}
+
+/// Reads, decodes and writes `entries` at once: one thread reads the
+/// payloads in file order (the image is read in one pass), one decoder per
+/// core, two writers so the disk always has a write queued. Buffers come
+/// from a fixed pool, so memory stays bounded and no chunk is allocated anew.
+fn pipeline(img: &Image, entries: &[&Entry], out: &Bounded, progress: &mut Progress) -> Result<()> {
+    use std::sync::mpsc::{channel, sync_channel, Receiver};
+    use std::sync::{Arc, Mutex};
+
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let chunk = entries
+        .iter()
+        .map(|e| e.raw_len as usize)
+        .max()
+        .unwrap_or(0);
+    let buffers = 2 * cores + 4;
+    let (pool_tx, pool_rx) = sync_channel::<AlignedBuf>(buffers);
+    for _ in 0..buffers {
+        let _ = pool_tx.send(AlignedBuf::new(chunk));
+    }
+    type Job<'e> = (&'e Entry, Option<Vec<u8>>, AlignedBuf);
+    let (job_tx, job_rx) = sync_channel::<Job>(buffers);
+    let (done_tx, done_rx) = sync_channel::<(u64, AlignedBuf)>(buffers);
+    let (report_tx, report_rx) = channel::<Result<u64>>();
+    let job_rx: Arc<Mutex<Receiver<Job>>> = Arc::new(Mutex::new(job_rx));
+    let done_rx: Arc<Mutex<Receiver<(u64, AlignedBuf)>>> = Arc::new(Mutex::new(done_rx));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let stopped = || stop.load(std::sync::atomic::Ordering::Relaxed);
+
+    std::thread::scope(|scope| -> Result<()> {
+        let report = report_tx.clone();
+        let stop = &stop;
+        scope.spawn(move || {
+            img.advise_sequential();
+            for &e in entries {
+                let Ok(buf) = pool_rx.recv() else { return };
+                if stopped() {
+                    return;
+                }
+                let payload = if e.kind.has_payload() {
+                    match img.payload(e) {
+                        Ok(p) => Some(p),
+                        Err(err) => {
+                            let _ = report.send(Err(err));
+                            return;
+                        }
+                    }
+                } else {
+                    None
+                };
+                if job_tx.send((e, payload, buf)).is_err() {
+                    return;
+                }
+            }
+        });
+        for _ in 0..cores {
+            let (job_rx, done_tx, report) = (job_rx.clone(), done_tx.clone(), report_tx.clone());
+            scope.spawn(move || loop {
+                let job = job_rx
+                    .lock()
+                    .map_err(|_| ())
+                    .and_then(|r| r.recv().map_err(|_| ()));
+                let Ok((e, payload, mut buf)) = job else {
+                    return;
+                };
+                if stopped() {
+                    return;
+                }
+                let into = buf.take(e.raw_len as usize);
+                let decoded = match payload {
+                    Some(p) => img.decode_payload(e, p, into),
+                    None => img.chunk_into(e, into),
+                };
+                if let Err(err) = decoded {
+                    let _ = report.send(Err(err));
+                    return;
+                }
+                if done_tx.send((e.offset, buf)).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(done_tx);
+        for _ in 0..2 {
+            let (done_rx, pool_tx, report) = (done_rx.clone(), pool_tx.clone(), report_tx.clone());
+            scope.spawn(move || loop {
+                let next = done_rx
+                    .lock()
+                    .map_err(|_| ())
+                    .and_then(|r| r.recv().map_err(|_| ()));
+                let Ok((offset, buf)) = next else { return };
+                if stopped() {
+                    return;
+                }
+                let n = buf.bytes().len() as u64;
+                let r = out.write_chunk(buf.bytes(), offset).map(|()| n);
+                let failed = r.is_err();
+                let _ = report.send(r);
+                if failed {
+                    return;
+                }
+                // Once the reader is done the pool is closed; later buffers just go.
+                let _ = pool_tx.send(buf);
+            });
+        }
+        drop(report_tx);
+        drop(pool_tx);
+        let mut written = 0usize;
+        let mut failure = None;
+        for r in report_rx {
+            match r {
+                Ok(n) => {
+                    written += 1;
+                    progress.add(n);
+                    if written == entries.len() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        // Wind every stage down: the reader sees the flag, the channels close.
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        match failure {
+            Some(e) => Err(e),
+            None if written == entries.len() => Ok(()),
+            None => bail!(
+                "the restore stopped after {written} of {} chunks",
+                entries.len()
+            ),
+        }
+    })
 }
 
 /// The end of every restore: on failure the start is zeroed (unmountable
