@@ -58,7 +58,7 @@ pub fn encode(
             }
         }
         None => {
-            let c = zstd::bulk::compress(data, level).context("compressing")?;
+            let c = compress(data, level)?;
             if c.len() < data.len() {
                 (FLAG_COMPRESSED, c)
             } else {
@@ -71,6 +71,28 @@ pub fn encode(
         flags |= FLAG_ENCRYPTED;
     }
     Ok((flags, payload))
+}
+
+/// Plain zstd with a context kept per thread: a fresh one per chunk costs
+/// its allocation and table setup every MiB.
+fn compress(data: &[u8], level: i32) -> Result<Vec<u8>> {
+    use std::cell::RefCell;
+    thread_local! {
+        static CCTX: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    }
+    CCTX.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = Some((
+                level,
+                zstd::bulk::Compressor::new(level).context("setting up zstd")?,
+            ));
+        }
+        match slot.as_mut() {
+            Some((_, c)) => c.compress(data).context("compressing"),
+            None => bail!("no zstd context"),
+        }
+    })
 }
 
 /// zstd with the base as a prefix: every byte the chunk shares with it is

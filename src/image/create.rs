@@ -6,14 +6,13 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::ops::Range;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 
 use anyhow::{bail, Context, Result};
-use rayon::prelude::*;
 use uuid::Uuid;
 
+use super::chunker::{self, Job, Source};
 use super::codec;
 use super::crypto::{self, Key};
 use super::format::{self, Entry, Header, Kind, ParentRef, Record, Trailer, VolumeInfo};
@@ -24,7 +23,6 @@ use super::store::{ChunkStore, DirStore, Store};
 use super::used::{self, UsedMap};
 
 pub const DEFAULT_CHUNK: u32 = 1 << 20;
-const BATCH: usize = 16;
 
 pub struct CreateOptions {
     pub device: PathBuf,
@@ -78,40 +76,16 @@ fn intersects(ranges: &[Range<u64>], r: &Range<u64>) -> bool {
     ranges.get(i).is_some_and(|x| x.start < r.end)
 }
 
-/// Zeroes the parts of a chunk that no used range covers: free blocks hold
-/// nothing worth keeping, and zeros compress to nothing.
-fn mask(data: &mut [u8], at: u64, used: &[Range<u64>]) {
-    let end = at + data.len() as u64;
-    let mut pos = at;
-    let mut i = used.partition_point(|x| x.end <= at);
-    while pos < end {
-        let next_used = used.get(i).map_or(end, |r| r.start.max(pos).min(end));
-        data[(pos - at) as usize..(next_used - at) as usize].fill(0);
-        match used.get(i) {
-            Some(r) if r.start < end => {
-                pos = r.end.min(end);
-                i += 1;
-            }
-            _ => pos = end,
-        }
-    }
-}
-
-struct Job {
-    offset: u64,
-    meta: bool,
-    data: Vec<u8>,
-}
-
 fn seal_chunk(
-    job: Job,
+    job: &Job,
     key: Option<&Key>,
     parent: Option<&Image>,
     store: Option<&dyn ChunkStore>,
     level: i32,
 ) -> Result<(Record, bool)> {
-    let raw_len = job.data.len() as u32;
-    if job.data.iter().all(|&b| b == 0) {
+    let data = job.buf.bytes();
+    let raw_len = data.len() as u32;
+    if data.iter().all(|&b| b == 0) {
         return Ok((
             Record {
                 kind: Kind::Zero,
@@ -124,7 +98,7 @@ fn seal_chunk(
             false,
         ));
     }
-    let id = codec::chunk_id(key, &job.data);
+    let id = codec::chunk_id(key, data);
     if let Some(pe) = parent.and_then(|p| p.entry_at(job.offset)) {
         if pe.id == id && pe.raw_len == raw_len && pe.kind != Kind::Zero {
             return Ok((
@@ -168,7 +142,7 @@ fn seal_chunk(
         _ => None,
     };
     let (flags, payload) = codec::encode(
-        &job.data,
+        data,
         &id,
         level,
         base.as_ref().map(|(bid, b)| (bid, &b[..])),
@@ -440,12 +414,53 @@ fn write_image(
         .create_new(true)
         .open(tmp)
         .with_context(|| format!("creating {} (is the destination writable?)", tmp.display()))?;
-    let mut w = BufWriter::with_capacity(4 << 20, file);
+    let mut w = BufWriter::with_capacity(4 << 20, Writeback::new(file));
     let c = write_stream(o, map, header, &mut w, key, parent, store)?;
-    let mut file = w.into_inner().map_err(|e| e.into_error())?;
-    file.flush()?;
+    let file = w.into_inner().map_err(|e| e.into_error())?.file;
     file.sync_all().context("flushing the image")?;
     Ok(c)
+}
+
+/// Starts the disk writing what was written every [`Writeback::STEP`]
+/// bytes, so that dirty pages do not pile up in memory and the closing
+/// sync_all waits for the last step only, not for the whole image.
+struct Writeback {
+    file: File,
+    written: u64,
+    started: u64,
+}
+
+impl Writeback {
+    const STEP: u64 = 32 << 20;
+
+    fn new(file: File) -> Self {
+        Writeback {
+            file,
+            written: 0,
+            started: 0,
+        }
+    }
+}
+
+impl Write for Writeback {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        if self.written - self.started >= Self::STEP {
+            // Only a hint: a filesystem that refuses it loses nothing.
+            let _ = crate::sys::start_writeback(
+                self.file.as_fd(),
+                self.started,
+                self.written - self.started,
+            );
+            self.started = self.written;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }
 
 /// The image as one front-to-back stream (header, records, index, trailer):
@@ -466,49 +481,17 @@ pub fn write_stream(
     let mut progress = Progress::new(&format!("imaging {}", o.device.display()), total);
     let started = std::time::SystemTime::now();
 
-    // A reader thread keeps the next batches coming while this one is sealed.
-    let (tx, rx) = mpsc::sync_channel::<Result<Vec<Job>>>(2);
-    let device = o.device.clone();
-    let used = map.used.clone();
-    let size = map.size;
-    let reader = std::thread::spawn(move || {
-        let f = match File::open(&device) {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = tx.send(Err(anyhow::Error::new(e)
-                    .context(format!("opening {} to read it", device.display()))));
-                return;
-            }
-        };
-        for batch in plan.chunks(BATCH) {
-            let jobs: Result<Vec<Job>> = batch
-                .iter()
-                .map(|&(offset, meta)| {
-                    let mut data = vec![0u8; chunk.min(size - offset) as usize];
-                    f.read_exact_at(&mut data, offset)
-                        .with_context(|| format!("reading {} at {offset}", device.display()))?;
-                    mask(&mut data, offset, &used);
-                    Ok(Job { offset, meta, data })
-                })
-                .collect();
-            let failed = jobs.is_err();
-            if tx.send(jobs).is_err() || failed {
-                return;
-            }
-        }
-    });
-
     let mut entries = Vec::new();
     let mut c = Created::default();
-    for batch in rx {
-        let jobs = batch?;
-        let n: u64 = jobs.iter().map(|j| j.data.len() as u64).sum();
-        let sealed: Vec<Result<(Record, bool)>> = jobs
-            .into_par_iter()
-            .map(|j| seal_chunk(j, key, parent, store, o.level))
-            .collect();
-        for s in sealed {
-            let (rec, dedup) = s?;
+    let source = Source::open(&o.device)?;
+    chunker::run(
+        &source,
+        &plan,
+        chunk,
+        map.size,
+        &map.used,
+        |job| seal_chunk(job, key, parent, store, o.level),
+        |rec, dedup| {
             c.chunks += 1;
             match rec.kind {
                 Kind::Zero => c.zero_chunks += 1,
@@ -528,12 +511,10 @@ pub fn write_stream(
             });
             format::write_record(&mut &mut *w, &rec)?;
             pos += format::record_len(&rec);
-        }
-        progress.add(n);
-    }
-    reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("the reader thread failed"))?;
+            progress.add(u64::from(rec.raw_len));
+            Ok(())
+        },
+    )?;
     format::write_end(&mut &mut *w)?;
     pos += 1;
     entries.sort_by_key(|e| e.offset);
@@ -599,19 +580,6 @@ pub fn changed_since(dir: &Path, since: std::time::SystemTime) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn masking_keeps_only_used_bytes() {
-        let mut d = vec![0xFFu8; 16];
-        mask(&mut d, 100, &[90..102, 105..107, 114..200]);
-        assert_eq!(
-            d,
-            [255, 255, 0, 0, 0, 255, 255, 0, 0, 0, 0, 0, 0, 0, 255, 255]
-        );
-        let mut d = vec![1u8; 4];
-        mask(&mut d, 0, &[]);
-        assert_eq!(d, [0, 0, 0, 0]);
-    }
 
     #[test]
     fn metadata_chunks_come_first() {

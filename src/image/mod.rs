@@ -2,7 +2,9 @@
 //! identified by its BLAKE3 hash, zstd-compressed, optionally encrypted, and
 //! incremental against a parent. The format is in docs/image-format.md.
 
+pub mod aligned;
 pub mod backup;
+pub mod chunker;
 pub mod cli;
 pub mod codec;
 pub mod create;

@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 
+use super::aligned::{direct_ok, AlignedBuf};
 use super::create::device_size;
 use super::format::Entry;
 use super::progress::Progress;
@@ -29,10 +30,6 @@ pub struct Bounded {
     direct: Option<File>,
     limit: u64,
 }
-
-/// What O_DIRECT writes must be aligned to (a multiple of every logical
-/// sector size).
-pub const DIRECT_ALIGN: usize = 4096;
 
 impl Bounded {
     pub fn new(file: File, limit: u64) -> Bounded {
@@ -65,11 +62,8 @@ impl Bounded {
     /// Writes O_DIRECT when the target takes it and `data` is aligned, else
     /// through the page cache; the same bounds either way.
     pub fn write_chunk(&self, data: &[u8], offset: u64) -> Result<()> {
-        let aligned = data.as_ptr().align_offset(DIRECT_ALIGN) == 0
-            && data.len() % DIRECT_ALIGN == 0
-            && offset % DIRECT_ALIGN as u64 == 0;
         match &self.direct {
-            Some(d) if aligned => {
+            Some(d) if direct_ok(data, offset) => {
                 self.check(data.len(), offset)?;
                 d.write_all_at(data, offset)
                     .with_context(|| format!("writing at {offset}"))
@@ -86,32 +80,6 @@ impl Bounded {
 
     pub fn sync(&self) -> Result<()> {
         Ok(self.file.sync_all()?)
-    }
-}
-
-/// A chunk buffer whose bytes start on a DIRECT_ALIGN boundary, in safe
-/// code: a larger Vec, used from its first aligned byte.
-pub struct AlignedBuf {
-    v: Vec<u8>,
-    off: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    pub fn new(capacity: usize) -> AlignedBuf {
-        let v = vec![0u8; capacity + DIRECT_ALIGN];
-        let off = v.as_ptr().align_offset(DIRECT_ALIGN);
-        AlignedBuf { v, off, len: 0 }
-    }
-
-    /// The first `len` bytes (at most the capacity).
-    pub fn take(&mut self, len: usize) -> &mut [u8] {
-        self.len = len;
-        &mut self.v[self.off..self.off + len]
-    }
-
-    pub fn bytes(&self) -> &[u8] {
-        &self.v[self.off..self.off + self.len]
     }
 }
 
