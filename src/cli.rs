@@ -98,8 +98,9 @@ pub enum Cmd {
         /// zstd level (1-19).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
         level: i32,
-        /// freeze: a mounted filesystem is frozen while read; none: read as it is.
-        /// Default: freeze where possible, else none with a warning.
+        /// snapshot: an LVM volume is imaged from a snapshot; freeze: a mounted filesystem
+        /// is frozen while read; none: read as it is, files changed meanwhile listed.
+        /// Default: the first of those that works, said in the output.
         #[arg(long, value_enum)]
         consistency: Option<crate::image::backup::Consistency>,
         /// Tape record size in KiB.
@@ -292,6 +293,11 @@ pub enum ImageCmd {
         /// Tape record size in KiB: large records keep a drive streaming.
         #[arg(long, value_name = "KIB", default_value_t = (crate::image::tape::DEFAULT_RECORD / 1024) as u32)]
         record_kib: u32,
+        /// For a mounted volume: snapshot (LVM), freeze (FIFREEZE while read) or none
+        /// (read as it is, files changed meanwhile listed in the image).
+        /// Default: the first of those that works, said in the output.
+        #[arg(long, value_enum)]
+        consistency: Option<crate::image::backup::Consistency>,
         #[command(flatten)]
         key: KeyArgs,
     },

@@ -582,12 +582,41 @@ fn files_written_during_a_live_read_are_logged() {
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(200));
     let img = tmp.path().join("live.bmri");
-    let out = bmr_out(&["image", "create", "--device", &disk.dev, "--to"], &[&img]);
+    let out = bmr_out(
+        &[
+            "image",
+            "create",
+            "--consistency",
+            "none",
+            "--device",
+            &disk.dev,
+            "--to",
+        ],
+        &[&img],
+    );
+    // Unless asked otherwise, a mounted filesystem that cannot be
+    // snapshotted (no LVM here) is frozen while it is read.
+    let frozen = tmp.path().join("frozen.bmri");
+    let by_default = bmr_out(
+        &["image", "create", "--device", &disk.dev, "--to"],
+        &[&frozen],
+    );
     let _ = writer.kill();
     let _ = writer.wait();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    ok(out);
-    assert!(err.contains("mounted read-write"), "{err}");
+    let said = ok(out);
+    assert!(said.contains("read while mounted, not frozen"), "{said}");
+    let said = ok(by_default);
+    assert!(
+        said.contains("frozen") && said.contains("s while read"),
+        "{said}"
+    );
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(bmr_out(&["image", "info", "--json"], &[&frozen]))).unwrap();
+    assert_eq!(
+        info["exceptions"].as_array().map(Vec::len),
+        Some(0),
+        "{info}"
+    );
     let info: serde_json::Value =
         serde_json::from_str(&ok(bmr_out(&["image", "info", "--json"], &[&img]))).unwrap();
     let changed: Vec<&str> = info["exceptions"]

@@ -10,12 +10,15 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::create::{self, CreateOptions, Created};
+use super::snapshot::{self, Snapshot};
 use crate::manifest::Manifest;
 use crate::medium;
 use crate::probe;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Consistency {
+    /// Image an LVM snapshot of the volume, removed afterwards.
+    Snapshot,
     /// Freeze a mounted filesystem (FIFREEZE) while it is read.
     Freeze,
     /// Read it as it is; writes during the read may leave the image inconsistent.
@@ -102,9 +105,194 @@ fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
     Guard(f)
 }
 
-fn same_fs(a: &Path, b: &Path) -> bool {
+pub fn same_fs(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     matches!((std::fs::metadata(a), std::fs::metadata(b)), (Ok(x), Ok(y)) if x.dev() == y.dev())
+}
+
+/// The volume one image is read from, and where it is.
+pub struct Volume<'a> {
+    /// Its name in messages (the manifest's volume id, or the device).
+    pub id: &'a str,
+    pub device: &'a Path,
+    /// Where it is mounted, if it is.
+    pub mounted: Option<&'a Path>,
+    /// The image is written onto that mounted filesystem itself: it cannot
+    /// be frozen meanwhile.
+    pub images_on_it: bool,
+}
+
+/// Holds SIGINT, SIGTERM and SIGHUP on this thread until dropped: a frozen
+/// filesystem must be thawed and a snapshot removed before bmr ends. A
+/// signal that came meanwhile acts when they are let through again.
+fn hold_signals() -> Result<Guard<impl FnMut()>> {
+    use nix::sys::signal::{SigSet, Signal};
+    let signals = SigSet::from_iter([Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP]);
+    signals.thread_block()?;
+    Ok(scopeguard(move || {
+        let _ = signals.thread_unblock();
+    }))
+}
+
+/// Images one volume as consistently as `consistency` asks, or (None) as
+/// the volume allows: from an LVM snapshot, else frozen, else read while
+/// mounted with the files changed meanwhile logged. Returns the image and
+/// a sentence saying how it was read. `make` writes the image from the
+/// options it is given (their device is a snapshot's when one is taken).
+pub fn image_volume(
+    v: &Volume,
+    consistency: Option<Consistency>,
+    opts: CreateOptions,
+    make: &mut dyn FnMut(&CreateOptions) -> Result<Created>,
+) -> Result<(Created, String)> {
+    let id = v.id;
+    // The volume and, when its name is not the device's, the device.
+    let dev = v.device.display().to_string();
+    let who = if id == dev {
+        dev
+    } else {
+        format!("{id} ({dev})")
+    };
+    // Why no snapshot was taken, where one would have been the default.
+    let mut no_snapshot = None;
+    let try_snapshot = match consistency {
+        Some(Consistency::Snapshot) => true,
+        // Images written onto the volume itself would fill the snapshot's
+        // copy-on-write space with their own bytes.
+        None => v.mounted.is_some() && !v.images_on_it,
+        Some(_) => false,
+    };
+    if try_snapshot {
+        let lv = snapshot::lv_of(v.device);
+        match (lv, consistency) {
+            (Ok(Some(lv)), _) => {
+                let held = hold_signals()?;
+                match Snapshot::create(&lv) {
+                    Ok(snap) => {
+                        let r = from_snapshot(snap, opts, make);
+                        drop(held);
+                        return r;
+                    }
+                    Err(e) if consistency.is_none() => {
+                        eprintln!("warning: {id}: no LVM snapshot of {}: {e:#}", lv.label());
+                        no_snapshot = Some(format!("the LVM snapshot of {} failed", lv.label()));
+                    }
+                    Err(e) => {
+                        return Err(e.context(format!("{who}: --consistency snapshot failed")))
+                    }
+                }
+            }
+            (Ok(None), Some(Consistency::Snapshot)) if v.mounted.is_some() => bail!(
+                "{who} is not an LVM logical volume, so bmr cannot snapshot it (a btrfs snapshot \
+                 is a subvolume, not a device to image; a device-mapper snapshot of a plain \
+                 partition would miss the writes to the partition): use --consistency freeze"
+            ),
+            (Ok(None), _) => {}
+            (Err(e), None) => {
+                eprintln!("warning: {id}: {e:#}");
+                no_snapshot = Some("no LVM snapshot".to_string());
+            }
+            (Err(e), _) => return Err(e.context(format!("{who}: --consistency snapshot failed"))),
+        }
+    }
+    let because = no_snapshot.map(|w| format!(" ({w})")).unwrap_or_default();
+    let Some(dir) = v.mounted else {
+        return Ok((make(&opts)?, "not mounted".to_string()));
+    };
+    let freeze = match consistency {
+        Some(Consistency::None) => false,
+        _ if v.images_on_it => {
+            if consistency == Some(Consistency::Freeze) {
+                bail!("{id} is mounted at {} and the images go onto it: it cannot be frozen while bmr writes there; choose another --to", dir.display());
+            }
+            false
+        }
+        _ => true,
+    };
+    let watched = |opts: CreateOptions| CreateOptions {
+        watch: Some(dir.to_path_buf()),
+        ..opts
+    };
+    if !freeze {
+        let c = make(&watched(opts))?;
+        let how = format!("read while mounted, not frozen{because}: {} files changed meanwhile, listed in the image", c.exceptions.len());
+        return Ok((c, how));
+    }
+    let f = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    let _held = hold_signals()?;
+    match crate::sys::freeze_fs(f.as_fd()) {
+        // Not every filesystem can freeze (vfat: an ESP). Unless freezing
+        // was asked for, it is read mounted, watched.
+        Err(e) if consistency.is_none() && e.raw_os_error() == Some(nix::libc::EOPNOTSUPP) => {
+            eprintln!(
+                "warning: {id} ({}) cannot be frozen ({e}); reading it while mounted",
+                dir.display()
+            );
+            let c = make(&watched(opts))?;
+            let how = format!("read while mounted, its filesystem cannot freeze{because}: {} files changed meanwhile, listed in the image", c.exceptions.len());
+            Ok((c, how))
+        }
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "freezing {} (use --consistency none to image it unfrozen)",
+                dir.display()
+            )
+        }),
+        Ok(()) => {
+            let start = Instant::now();
+            let result = make(&opts);
+            let thawed = crate::sys::thaw_fs(f.as_fd());
+            let frozen = start.elapsed().as_secs_f64();
+            thawed.with_context(|| {
+                format!(
+                    "thawing {}: run fsfreeze -u {}",
+                    dir.display(),
+                    dir.display()
+                )
+            })?;
+            Ok((result?, format!("frozen {frozen:.1} s while read{because}")))
+        }
+    }
+}
+
+/// Images the snapshot in place of its origin (the same filesystem, UUID
+/// and label: the image names the origin's volume) and removes it.
+fn from_snapshot(
+    snap: Snapshot,
+    opts: CreateOptions,
+    make: &mut dyn FnMut(&CreateOptions) -> Result<Created>,
+) -> Result<(Created, String)> {
+    let label = snap.label();
+    let start = Instant::now();
+    let o = CreateOptions {
+        device: snap.device.clone(),
+        watch: None,
+        ..opts
+    };
+    let result = make(&o);
+    let held = start.elapsed().as_secs_f64();
+    // An overflowed snapshot reads as I/O errors or, worse, as what it held
+    // before: either way its image is refused.
+    let used = snap.check();
+    let (c, used) = match (result, used) {
+        (_, Err(e)) => return Err(e),
+        (Err(e), Ok(_)) => {
+            return Err(e.context(format!("reading the LVM snapshot {label} (it is removed)")))
+        }
+        (Ok(c), Ok(used)) => (c, used),
+    };
+    let size = crate::report::size(snap.size);
+    let removed = match snap.remove() {
+        Ok(()) => "removed".to_string(),
+        Err(e) => {
+            eprintln!("warning: {e:#}");
+            format!("NOT removed: lvremove {label}")
+        }
+    };
+    Ok((
+        c,
+        format!("from LVM snapshot {label}, {held:.1} s, {used:.0}% of its {size} filled by writes meanwhile ({removed})"),
+    ))
 }
 
 pub fn backup(o: &BackupOptions) -> Result<Vec<Done>> {
@@ -143,91 +331,19 @@ pub fn backup(o: &BackupOptions) -> Result<Vec<Done>> {
             name: Some(name.clone()),
             watch: None,
         };
-        // Freeze what is mounted, unless the images go onto that same
-        // filesystem (for an HTTP repository they are staged in $TMPDIR).
+        // For an HTTP repository or a tape the images are staged in $TMPDIR.
         let staging = if remote || tape.is_some() {
             std::env::temp_dir()
         } else {
             o.to.clone()
         };
-        let freeze = match (&mounted, o.consistency) {
-            (None, _) | (_, Some(Consistency::None)) => None,
-            (Some(dir), _) if same_fs(dir, &staging) => {
-                if o.consistency == Some(Consistency::Freeze) {
-                    bail!("{id} is mounted at {} and the images go onto it: it cannot be frozen while bmr writes there; choose another --to", dir.display());
-                }
-                None
-            }
-            (Some(dir), _) => Some(dir.clone()),
+        let vol = Volume {
+            id: &id,
+            device: &dev,
+            mounted: mounted.as_deref(),
+            images_on_it: mounted.as_deref().is_some_and(|d| same_fs(d, &staging)),
         };
-        let (created, how) = match &freeze {
-            Some(dir) => {
-                let f = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
-                // Ctrl-C or SIGTERM while frozen would leave the filesystem frozen:
-                // hold them until it is thawed, then let them act.
-                let signals = nix::sys::signal::SigSet::from_iter([
-                    nix::sys::signal::Signal::SIGINT,
-                    nix::sys::signal::Signal::SIGTERM,
-                    nix::sys::signal::Signal::SIGHUP,
-                ]);
-                signals.thread_block()?;
-                let _unblock = scopeguard(move || {
-                    let _ = signals.thread_unblock();
-                });
-                match crate::sys::freeze_fs(f.as_fd()) {
-                    // Not every filesystem can freeze (vfat: an ESP). Unless
-                    // freezing was asked for, it is read mounted, watched.
-                    Err(e)
-                        if o.consistency.is_none()
-                            && e.raw_os_error() == Some(nix::libc::EOPNOTSUPP) =>
-                    {
-                        eprintln!(
-                            "warning: {id} ({}) cannot be frozen ({e}); reading it while mounted",
-                            dir.display()
-                        );
-                        let watched = CreateOptions {
-                            watch: mounted.clone(),
-                            ..opts
-                        };
-                        let c = make(&mut tape, &watched)?;
-                        let how = format!("read while mounted, its filesystem cannot freeze: {} files changed meanwhile, listed in the image", c.exceptions.len());
-                        (c, how)
-                    }
-                    Err(e) => {
-                        return Err(e).with_context(|| {
-                            format!(
-                                "freezing {} (use --consistency none to image it unfrozen)",
-                                dir.display()
-                            )
-                        })
-                    }
-                    Ok(()) => {
-                        let start = Instant::now();
-                        let result = make(&mut tape, &opts);
-                        let thawed = crate::sys::thaw_fs(f.as_fd());
-                        let frozen = start.elapsed().as_secs_f64();
-                        thawed.with_context(|| {
-                            format!(
-                                "thawing {}: run fsfreeze -u {}",
-                                dir.display(),
-                                dir.display()
-                            )
-                        })?;
-                        (result?, format!("frozen {frozen:.1} s while read"))
-                    }
-                }
-            }
-            None if mounted.is_some() => {
-                let watched = CreateOptions {
-                    watch: mounted.clone(),
-                    ..opts
-                };
-                let c = make(&mut tape, &watched)?;
-                let how = format!("read while mounted, not frozen: {} files changed meanwhile, listed in the image", c.exceptions.len());
-                (c, how)
-            }
-            None => (make(&mut tape, &opts)?, "not mounted".to_string()),
-        };
+        let (created, how) = image_volume(&vol, o.consistency, opts, &mut |c| make(&mut tape, c))?;
         if let Some(v) = m.volumes.iter_mut().find(|v| v.id == id) {
             // Relative to the repository, wherever it is mounted or served
             // later; on tape, by its name in the tape directory.

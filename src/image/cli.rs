@@ -8,7 +8,7 @@ use serde_json::json;
 use super::create::{self, CreateOptions};
 use super::format::Kind;
 use super::read::Image;
-use super::{files, mount, on_tape, restore};
+use super::{backup, files, mount, on_tape, restore};
 use crate::cli::ImageCmd;
 use crate::report::size;
 
@@ -50,12 +50,13 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
             name,
             chunk_kib,
             record_kib,
+            consistency,
             key,
         } => {
             if !(64..=65536).contains(&chunk_kib) || !chunk_kib.is_power_of_two() {
                 anyhow::bail!("--chunk-kib {chunk_kib}: give a power of two from 64 to 65536");
             }
-            let watch = mounted_rw(&device);
+            let mounted = mounted_rw(&device);
             let o = CreateOptions {
                 device,
                 to,
@@ -64,31 +65,54 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
                 level,
                 chunk_size: chunk_kib * 1024,
                 name,
-                watch,
+                watch: None,
             };
-            if let Some(dir) = &o.watch {
-                eprintln!("bmr: {} is mounted read-write at {}: files changed while it is read are logged in the image (bmr backup can freeze it)", o.device.display(), dir.display());
-            }
-            let c = match on_tape::spec(&o.to) {
-                Some((drive, named)) => {
-                    let name = o.name.clone().or(named).unwrap_or_else(|| {
-                        o.device
-                            .file_name()
-                            .map(|n| n.to_string_lossy().into_owned())
-                            .unwrap_or_else(|| "volume".into())
-                    });
-                    let mut w = on_tape::Writer::start(
-                        &drive,
-                        record_kib,
-                        &[(name.clone(), String::new())],
-                    )?;
-                    let c = w.image(&o)?;
-                    w.finish()?;
-                    println!("tape {}: file 1 holds image {name}", drive.display());
-                    c
+            let tape = on_tape::spec(&o.to);
+            // Where the image is written while the volume is read: a tape
+            // or an HTTP upload is staged nowhere on it.
+            let written_at = match &tape {
+                Some(_) => None,
+                None if super::http::is_url(&o.to.to_string_lossy()) => Some(std::env::temp_dir()),
+                None => {
+                    o.to.ancestors()
+                        .find(|p| p.exists())
+                        .map(|p| p.to_path_buf())
                 }
-                None => create::create(&o)?,
             };
+            let id = o.device.display().to_string();
+            let v = backup::Volume {
+                id: &id,
+                device: &o.device,
+                mounted: mounted.as_deref(),
+                images_on_it: match (&mounted, &written_at) {
+                    (Some(dir), Some(at)) => backup::same_fs(dir, at),
+                    _ => false,
+                },
+            };
+            let (c, how) =
+                backup::image_volume(&v, consistency, o.clone(), &mut |o| match &tape {
+                    Some((drive, named)) => {
+                        let name = o.name.clone().or(named.clone()).unwrap_or_else(|| {
+                            v.device
+                                .file_name()
+                                .map(|n| n.to_string_lossy().into_owned())
+                                .unwrap_or_else(|| "volume".into())
+                        });
+                        let mut w = on_tape::Writer::start(
+                            drive,
+                            record_kib,
+                            &[(name.clone(), String::new())],
+                        )?;
+                        let c = w.image(o)?;
+                        w.finish()?;
+                        println!("tape {}: file 1 holds image {name}", drive.display());
+                        Ok(c)
+                    }
+                    None => create::create(o),
+                })?;
+            if mounted.is_some() {
+                println!("{}: {how}", o.device.display());
+            }
             if let Some(n) = c.uploaded {
                 println!("uploaded {n} new chunks; the server had the others");
             }

@@ -24,6 +24,7 @@ use super::used::{self, UsedMap};
 
 pub const DEFAULT_CHUNK: u32 = 1 << 20;
 
+#[derive(Clone)]
 pub struct CreateOptions {
     pub device: PathBuf,
     pub to: PathBuf,

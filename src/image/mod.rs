@@ -17,6 +17,7 @@ pub mod on_tape;
 pub mod progress;
 pub mod read;
 pub mod restore;
+pub mod snapshot;
 pub mod store;
 pub mod stream;
 pub mod tape;
