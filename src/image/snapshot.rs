@@ -155,6 +155,11 @@ pub fn lv_of(dev: &Path) -> Result<Option<Lv>> {
         .map(Some)
 }
 
+/// `lvs` on one volume (VG/LV), the fields asked for separated by `|`.
+fn lvs(fields: &str, lv: &str) -> Result<String> {
+    tool::run(Command::new("lvs").args(["--noheadings", "--separator", "|", "-o", fields, lv]))
+}
+
 /// A snapshot bmr made; removed when dropped.
 pub struct Snapshot {
     pub vg: String,
@@ -211,17 +216,7 @@ impl Snapshot {
     /// `/dev/dm-N` from the kernel's numbers for the snapshot (devtmpfs
     /// makes that node itself; the /dev/VG/LV links need udev).
     fn find_device(&self) -> Result<PathBuf> {
-        let out = tool::run(
-            Command::new("lvs")
-                .args([
-                    "--noheadings",
-                    "--separator",
-                    "|",
-                    "-o",
-                    "lv_kernel_major,lv_kernel_minor",
-                ])
-                .arg(self.label()),
-        )?;
+        let out = lvs("lv_kernel_major,lv_kernel_minor", &self.label())?;
         let nums: Vec<&str> = out.split('|').map(str::trim).collect();
         if let [major, minor] = nums.as_slice() {
             let uevent = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/uevent"))
@@ -246,17 +241,7 @@ impl Snapshot {
     /// How full the copy-on-write space is (percent), or an error when it
     /// overflowed: then the snapshot is invalid and so is what was read from it.
     pub fn check(&self) -> Result<f64> {
-        let out = tool::run(
-            Command::new("lvs")
-                .args([
-                    "--noheadings",
-                    "--separator",
-                    "|",
-                    "-o",
-                    "lv_attr,snap_percent",
-                ])
-                .arg(self.label()),
-        )?;
+        let out = lvs("lv_attr,snap_percent", &self.label())?;
         let (attr, percent) = out.split_once('|').unwrap_or((out.as_str(), ""));
         let percent: f64 = percent.trim().parse().unwrap_or(0.0);
         // lv_attr's fifth letter: I for an invalid (overflowed) snapshot.
