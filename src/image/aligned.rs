@@ -19,6 +19,11 @@ impl AlignedBuf {
         AlignedBuf { v, off, len: 0 }
     }
 
+    /// How many bytes [`AlignedBuf::take`] can give.
+    pub fn capacity(&self) -> usize {
+        self.v.len() - self.off
+    }
+
     /// The first `len` bytes (at most the capacity).
     pub fn take(&mut self, len: usize) -> &mut [u8] {
         self.len = len;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 
+use super::aligned::{AlignedBuf, DIRECT_ALIGN};
 use super::codec;
 use super::crypto::{self, Key};
 use super::format::{self, Entry, Header, Kind};
@@ -56,6 +57,77 @@ pub fn decode(
     };
     codec::decode_into(key, id, flags, payload, &mut out, &no_base, at)?;
     Ok(out)
+}
+
+/// Payloads read front to back in windows of this size: the page cache's
+/// copy of a buffered read cost a restore as much as decompressing did.
+const WINDOW: usize = 16 << 20;
+
+/// See [`Image::in_file_order`]. A window that cannot be read direct
+/// (a filesystem without O_DIRECT) falls back to plain reads for good.
+pub struct FileOrder<'a> {
+    img: &'a Image,
+    direct: Option<File>,
+    win: AlignedBuf,
+    start: u64,
+    len: usize,
+}
+
+impl FileOrder<'_> {
+    pub fn payload(&mut self, e: &Entry) -> Result<Vec<u8>> {
+        let (pos, n) = (e.pos, e.stored_len as usize);
+        let held = |s: &Self| pos >= s.start && pos + n as u64 <= s.start + s.len as u64;
+        if self.direct.is_some() && !held(self) {
+            if let Err(err) = self.fill(pos, n) {
+                eprintln!(
+                    "warning: {}: reading without O_DIRECT ({err})",
+                    self.img.path.display()
+                );
+                self.direct = None;
+            }
+        }
+        if self.direct.is_some() && held(self) {
+            let at = (pos - self.start) as usize;
+            return Ok(self.win.bytes()[at..at + n].to_vec());
+        }
+        self.img.payload(e)
+    }
+
+    /// Reads the aligned window that holds `n` bytes at `pos` (less at the
+    /// end of the file: then the payload is read plainly and found short).
+    fn fill(&mut self, pos: u64, n: usize) -> std::io::Result<()> {
+        let Some(d) = &self.direct else { return Ok(()) };
+        let start = pos / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64;
+        let want = ((pos - start) as usize + n)
+            .max(WINDOW)
+            .next_multiple_of(DIRECT_ALIGN);
+        if self.win.capacity() < want {
+            self.win = AlignedBuf::new(want);
+        }
+        let buf = self.win.take(want);
+        let mut got = 0;
+        while got < want {
+            match d.read_at(&mut buf[got..], start + got as u64) {
+                Ok(0) => break,
+                Ok(k) => {
+                    got += k;
+                    // A short read is the end of the file.
+                    if k % DIRECT_ALIGN != 0 {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.len = 0;
+                    return Err(e);
+                }
+            }
+        }
+        self.win.take(got);
+        self.start = start;
+        self.len = got;
+        Ok(())
+    }
 }
 
 /// Deltas of deltas are bounded by the chain; a repository that claims a
@@ -242,16 +314,25 @@ impl Image {
         }
     }
 
-    /// Tells the kernel the image is read front to back (larger readahead).
-    pub fn advise_sequential(&self) {
-        use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+    /// A reader of this image's payloads in file order, through large
+    /// O_DIRECT reads where the file allows them.
+    pub fn in_file_order(&self) -> FileOrder<'_> {
         use std::os::fd::AsRawFd;
-        let _ = posix_fadvise(
-            self.file.as_raw_fd(),
-            0,
-            0,
-            PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
-        );
+        use std::os::unix::fs::OpenOptionsExt;
+        // Reopened through /proc: the image may be a download whose path
+        // is not the one it was named by.
+        let direct = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_DIRECT)
+            .open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+            .ok();
+        FileOrder {
+            img: self,
+            direct,
+            win: AlignedBuf::new(0),
+            start: 0,
+            len: 0,
+        }
     }
 
     /// The stored bytes of a chunk held in this image file.

@@ -216,14 +216,14 @@ fn pipeline(img: &Image, entries: &[&Entry], out: &Bounded, progress: &mut Progr
         let report = report_tx.clone();
         let stop = &stop;
         scope.spawn(move || {
-            img.advise_sequential();
+            let mut file = img.in_file_order();
             for &e in entries {
                 let Ok(buf) = pool_rx.recv() else { return };
                 if stopped() {
                     return;
                 }
                 let payload = if e.kind.has_payload() {
-                    match img.payload(e) {
+                    match file.payload(e) {
                         Ok(p) => Some(p),
                         Err(err) => {
                             let _ = report.send(Err(err));
