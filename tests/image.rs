@@ -617,6 +617,36 @@ fn files_written_during_a_live_read_are_logged() {
         Some(0),
         "{info}"
     );
+
+    // bmr's error output going to a file on the volume: freezing it would
+    // hang bmr on its own message, so it is read unfrozen, or refused when
+    // freezing is asked for.
+    let log = m.dir.join("bmr.log");
+    let with_log = |extra: &[&str], to: &Path| {
+        bmr()
+            .args(["image", "create", "--device", &disk.dev, "--to"])
+            .arg(to)
+            .args(extra)
+            .stderr(fs::File::create(&log).unwrap())
+            .output()
+            .unwrap()
+    };
+    let said = ok(with_log(&[], &tmp.path().join("logged.bmri")));
+    let err = fs::read_to_string(&log).unwrap();
+    assert!(
+        err.contains("is not frozen: bmr's error output goes to a file on it"),
+        "{err}"
+    );
+    assert!(said.contains("read while mounted, not frozen"), "{said}");
+    let out = with_log(
+        &["--consistency", "freeze"],
+        &tmp.path().join("refused.bmri"),
+    );
+    let err = fs::read_to_string(&log).unwrap();
+    assert!(
+        !out.status.success() && err.contains("would wait on it frozen"),
+        "{err}"
+    );
     let info: serde_json::Value =
         serde_json::from_str(&ok(bmr_out(&["image", "info", "--json"], &[&img]))).unwrap();
     let changed: Vec<&str> = info["exceptions"]

@@ -110,6 +110,21 @@ pub fn same_fs(a: &Path, b: &Path) -> bool {
     matches!((std::fs::metadata(a), std::fs::metadata(b)), (Ok(x), Ok(y)) if x.dev() == y.dev())
 }
 
+/// Whether bmr's standard output or error is a file on the filesystem
+/// mounted at `dir`: a write to it while frozen would wait for the thaw
+/// that bmr itself is to do.
+fn output_on(dir: &Path) -> Option<&'static str> {
+    use std::os::unix::fs::MetadataExt;
+    let fs = std::fs::metadata(dir).ok()?.dev();
+    [(1, "output"), (2, "error output")]
+        .into_iter()
+        .find_map(|(fd, what)| {
+            let st = nix::sys::stat::fstat(fd).ok()?;
+            let file = st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFREG;
+            (file && st.st_dev == fs).then_some(what)
+        })
+}
+
 /// The volume one image is read from, and where it is.
 pub struct Volume<'a> {
     /// Its name in messages (the manifest's volume id, or the device).
@@ -207,7 +222,21 @@ pub fn image_volume(
             }
             false
         }
-        _ => true,
+        _ => match output_on(dir) {
+            Some(what) if consistency == Some(Consistency::Freeze) => bail!(
+                "{id} is mounted at {} and bmr's {what} is a file on it: bmr would wait on it \
+                 frozen; send the {what} elsewhere or use --consistency none",
+                dir.display()
+            ),
+            Some(what) => {
+                eprintln!(
+                    "warning: {id} is not frozen: bmr's {what} goes to a file on it ({})",
+                    dir.display()
+                );
+                false
+            }
+            None => true,
+        },
     };
     let watched = |opts: CreateOptions| CreateOptions {
         watch: Some(dir.to_path_buf()),
