@@ -89,6 +89,12 @@ pub fn mask(data: &mut [u8], at: u64, used: &[Range<u64>]) {
     }
 }
 
+/// The next item of a queue that several workers take from, or None once
+/// its senders are gone (or a worker panicked holding it).
+pub fn recv_shared<T>(rx: &Mutex<Receiver<T>>) -> Option<T> {
+    rx.lock().ok()?.recv().ok()
+}
+
 /// Reader threads, each taking every other chunk: two reads in flight keep
 /// a disk or a virtual disk busier than one (1 GiB cold: 0.62 s, not 0.73).
 const READERS: usize = 2;
@@ -164,11 +170,9 @@ pub fn run(
         for _ in 0..cores {
             let (job_rx, done_tx) = (job_rx.clone(), done_tx.clone());
             scope.spawn(move || loop {
-                let next = job_rx
-                    .lock()
-                    .map_err(|_| ())
-                    .and_then(|r| r.recv().map_err(|_| ()));
-                let Ok((seq, job)) = next else { return };
+                let Some((seq, job)) = recv_shared(&job_rx) else {
+                    return;
+                };
                 if stop.load(Ordering::Relaxed) {
                     return;
                 }

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 
 use super::aligned::{direct_ok, AlignedBuf};
+use super::chunker::recv_shared;
 use super::create::device_size;
 use super::format::Entry;
 use super::progress::Progress;
@@ -241,11 +242,7 @@ fn pipeline(img: &Image, entries: &[&Entry], out: &Bounded, progress: &mut Progr
         for _ in 0..cores {
             let (job_rx, done_tx, report) = (job_rx.clone(), done_tx.clone(), report_tx.clone());
             scope.spawn(move || loop {
-                let job = job_rx
-                    .lock()
-                    .map_err(|_| ())
-                    .and_then(|r| r.recv().map_err(|_| ()));
-                let Ok((e, payload, mut buf)) = job else {
+                let Some((e, payload, mut buf)) = recv_shared(&job_rx) else {
                     return;
                 };
                 if stopped() {
@@ -269,11 +266,9 @@ fn pipeline(img: &Image, entries: &[&Entry], out: &Bounded, progress: &mut Progr
         for _ in 0..2 {
             let (done_rx, pool_tx, report) = (done_rx.clone(), pool_tx.clone(), report_tx.clone());
             scope.spawn(move || loop {
-                let next = done_rx
-                    .lock()
-                    .map_err(|_| ())
-                    .and_then(|r| r.recv().map_err(|_| ()));
-                let Ok((offset, buf)) = next else { return };
+                let Some((offset, buf)) = recv_shared(&done_rx) else {
+                    return;
+                };
                 if stopped() {
                     return;
                 }
