@@ -132,6 +132,24 @@ pub fn delta_base(plain: &[u8]) -> Result<BaseRef> {
     Ok(BaseRef { id, len })
 }
 
+/// Decompression likewise keeps its context per thread.
+fn decompress(data: &[u8], out: &mut [u8]) -> Result<usize> {
+    use std::cell::RefCell;
+    thread_local! {
+        static DCTX: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+    }
+    DCTX.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new().context("setting up zstd")?);
+        }
+        match slot.as_mut() {
+            Some(d) => Ok(d.decompress_to_buffer(data, out)?),
+            None => bail!("no zstd context"),
+        }
+    })
+}
+
 /// Decodes a stored chunk into `out` (exactly its raw length) and checks it
 /// against `id`. `base` gives a delta's base chunk by id. `at` names the
 /// chunk in errors.
@@ -139,14 +157,16 @@ pub fn decode_into(
     key: Option<&Key>,
     id: &[u8; 32],
     flags: u8,
-    payload: Vec<u8>,
+    payload: &[u8],
     out: &mut [u8],
     base: BaseFn,
     at: &str,
 ) -> Result<()> {
+    let opened;
     let plain = if flags & FLAG_ENCRYPTED != 0 {
         let key = key.ok_or_else(|| anyhow!("{at}: encrypted, but no key"))?;
-        key.open(id, &payload).with_context(|| at.to_string())?
+        opened = key.open(id, payload).with_context(|| at.to_string())?;
+        &opened[..]
     } else {
         payload
     };
@@ -156,7 +176,7 @@ pub fn decode_into(
             flags & FLAG_COMPRESSED != 0,
             "{at}: a delta that is not compressed: damaged"
         );
-        let r = delta_base(&plain).with_context(|| at.to_string())?;
+        let r = delta_base(plain).with_context(|| at.to_string())?;
         let base = base(&r).with_context(|| format!("{at}: reading the chunk it is a delta of"))?;
         ensure!(
             base.len() == r.len as usize,
@@ -175,8 +195,7 @@ pub fn decode_into(
             "{at}: {n} bytes instead of {raw_len}: damaged"
         );
     } else if flags & FLAG_COMPRESSED != 0 {
-        let n = zstd::bulk::Decompressor::new()?
-            .decompress_to_buffer(&plain[..], out)
+        let n = decompress(plain, out)
             .with_context(|| format!("{at}: does not decompress to its {raw_len} bytes"))?;
         ensure!(
             n == raw_len,
@@ -188,7 +207,7 @@ pub fn decode_into(
             "{at}: {} bytes instead of {raw_len}: damaged",
             plain.len()
         );
-        out.copy_from_slice(&plain);
+        out.copy_from_slice(plain);
     }
     if chunk_id(key, out) != *id {
         bail!("{at}: content does not match its hash: damaged");
@@ -243,13 +262,13 @@ mod tests {
             );
             Ok(b.clone())
         };
-        decode_into(None, &id, flags, d.clone(), &mut out, &by_id, "t").unwrap();
+        decode_into(None, &id, flags, &d, &mut out, &by_id, "t").unwrap();
         assert_eq!(out, new);
 
-        let err = decode_into(None, &id, flags, d.clone(), &mut out, &no_base, "t").unwrap_err();
+        let err = decode_into(None, &id, flags, &d, &mut out, &no_base, "t").unwrap_err();
         assert!(format!("{err:#}").contains("no base"), "{err:#}");
         let wrong = |_: &BaseRef| Ok(text(3, 1 << 20));
-        let err = decode_into(None, &id, flags, d, &mut out, &wrong, "t").unwrap_err();
+        let err = decode_into(None, &id, flags, &d, &mut out, &wrong, "t").unwrap_err();
         assert!(
             format!("{err:#}").contains("damaged") || format!("{err:#}").contains("decompress"),
             "{err:#}"
@@ -262,12 +281,12 @@ mod tests {
         let id = chunk_id(None, &data);
         let (flags, p) = encode(&data, &id, 3, None, None).unwrap();
         let mut out = vec![0u8; data.len()];
-        decode_into(None, &id, flags, p.clone(), &mut out, &no_base, "t").unwrap();
+        decode_into(None, &id, flags, &p, &mut out, &no_base, "t").unwrap();
         assert_eq!(out, data);
         let mut short = vec![0u8; data.len() - 1];
-        assert!(decode_into(None, &id, flags, p.clone(), &mut short, &no_base, "t").is_err());
+        assert!(decode_into(None, &id, flags, &p, &mut short, &no_base, "t").is_err());
         let mut long = vec![0u8; data.len() + 1];
-        assert!(decode_into(None, &id, flags, p, &mut long, &no_base, "t").is_err());
+        assert!(decode_into(None, &id, flags, &p, &mut long, &no_base, "t").is_err());
         // Incompressible bytes are stored as they are.
         let noise: Vec<u8> = (0..4096u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)

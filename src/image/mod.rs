@@ -22,3 +22,4 @@ pub mod store;
 pub mod stream;
 pub mod tape;
 pub mod used;
+pub mod window;

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 
-use super::aligned::{AlignedBuf, DIRECT_ALIGN};
 use super::codec;
 use super::crypto::{self, Key};
 use super::format::{self, Entry, Header, Kind};
@@ -55,79 +54,8 @@ pub fn decode(
     let no_base = |_: &codec::BaseRef| -> Result<Vec<u8>> {
         bail!("a delta of a parent's chunk, but this medium carries full images only")
     };
-    codec::decode_into(key, id, flags, payload, &mut out, &no_base, at)?;
+    codec::decode_into(key, id, flags, &payload, &mut out, &no_base, at)?;
     Ok(out)
-}
-
-/// Payloads read front to back in windows of this size: the page cache's
-/// copy of a buffered read cost a restore as much as decompressing did.
-const WINDOW: usize = 16 << 20;
-
-/// See [`Image::in_file_order`]. A window that cannot be read direct
-/// (a filesystem without O_DIRECT) falls back to plain reads for good.
-pub struct FileOrder<'a> {
-    img: &'a Image,
-    direct: Option<File>,
-    win: AlignedBuf,
-    start: u64,
-    len: usize,
-}
-
-impl FileOrder<'_> {
-    pub fn payload(&mut self, e: &Entry) -> Result<Vec<u8>> {
-        let (pos, n) = (e.pos, e.stored_len as usize);
-        let held = |s: &Self| pos >= s.start && pos + n as u64 <= s.start + s.len as u64;
-        if self.direct.is_some() && !held(self) {
-            if let Err(err) = self.fill(pos, n) {
-                eprintln!(
-                    "warning: {}: reading without O_DIRECT ({err})",
-                    self.img.path.display()
-                );
-                self.direct = None;
-            }
-        }
-        if self.direct.is_some() && held(self) {
-            let at = (pos - self.start) as usize;
-            return Ok(self.win.bytes()[at..at + n].to_vec());
-        }
-        self.img.payload(e)
-    }
-
-    /// Reads the aligned window that holds `n` bytes at `pos` (less at the
-    /// end of the file: then the payload is read plainly and found short).
-    fn fill(&mut self, pos: u64, n: usize) -> std::io::Result<()> {
-        let Some(d) = &self.direct else { return Ok(()) };
-        let start = pos / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64;
-        let want = ((pos - start) as usize + n)
-            .max(WINDOW)
-            .next_multiple_of(DIRECT_ALIGN);
-        if self.win.capacity() < want {
-            self.win = AlignedBuf::new(want);
-        }
-        let buf = self.win.take(want);
-        let mut got = 0;
-        while got < want {
-            match d.read_at(&mut buf[got..], start + got as u64) {
-                Ok(0) => break,
-                Ok(k) => {
-                    got += k;
-                    // A short read is the end of the file.
-                    if k % DIRECT_ALIGN != 0 {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.len = 0;
-                    return Err(e);
-                }
-            }
-        }
-        self.win.take(got);
-        self.start = start;
-        self.len = got;
-        Ok(())
-    }
 }
 
 /// Deltas of deltas are bounded by the chain; a repository that claims a
@@ -305,34 +233,17 @@ impl Image {
                     .as_ref()
                     .ok_or_else(|| anyhow!("no repository for chunk at {}", e.offset))?;
                 let (flags, payload) = store.get(&e.id)?;
-                self.decode_into(e, flags, payload, out, depth)
+                self.decode_into(e, flags, &payload, out, depth)
             }
             Kind::Meta | Kind::Data => {
                 let payload = self.payload(e)?;
-                self.decode_into(e, e.flags, payload, out, depth)
+                self.decode_into(e, e.flags, &payload, out, depth)
             }
         }
     }
 
-    /// A reader of this image's payloads in file order, through large
-    /// O_DIRECT reads where the file allows them.
-    pub fn in_file_order(&self) -> FileOrder<'_> {
-        use std::os::fd::AsRawFd;
-        use std::os::unix::fs::OpenOptionsExt;
-        // Reopened through /proc: the image may be a download whose path
-        // is not the one it was named by.
-        let direct = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_DIRECT)
-            .open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
-            .ok();
-        FileOrder {
-            img: self,
-            direct,
-            win: AlignedBuf::new(0),
-            start: 0,
-            len: 0,
-        }
+    pub(super) fn file(&self) -> &File {
+        &self.file
     }
 
     /// The stored bytes of a chunk held in this image file.
@@ -346,7 +257,7 @@ impl Image {
 
     /// Decodes a chunk's stored bytes (read by the caller, e.g. ahead of
     /// time in file order) into `out`.
-    pub fn decode_payload(&self, e: &Entry, payload: Vec<u8>, out: &mut [u8]) -> Result<()> {
+    pub fn decode_payload(&self, e: &Entry, payload: &[u8], out: &mut [u8]) -> Result<()> {
         self.decode_into(e, e.flags, payload, out, 0)
     }
 
@@ -354,7 +265,7 @@ impl Image {
         &self,
         e: &Entry,
         flags: u8,
-        payload: Vec<u8>,
+        payload: &[u8],
         out: &mut [u8],
         depth: usize,
     ) -> Result<()> {
@@ -400,7 +311,7 @@ impl Image {
             pos: 0,
             stored_len: 0,
         };
-        self.decode_into(&e, flags, payload, &mut out, depth)?;
+        self.decode_into(&e, flags, &payload, &mut out, depth)?;
         Ok(out)
     }
 
