@@ -244,9 +244,9 @@ fn pipeline(img: &Image, entries: &[&Entry], out: &Bounded, progress: &mut Progr
             }
         });
         scope.spawn(move || {
-            let held = win_rx.iter().flat_map(|(w, range)| {
-                entries[range].iter().map(move |&e| (e, Some(w.clone())))
-            });
+            let held = win_rx
+                .iter()
+                .flat_map(|(w, range)| entries[range].iter().map(move |&e| (e, Some(w.clone()))));
             for (e, w) in held.chain(entries[stored..].iter().map(|&e| (e, None))) {
                 let Ok(buf) = pool_rx.recv() else { return };
                 if stopped() || job_tx.send((e, w, buf)).is_err() {

@@ -60,6 +60,10 @@ impl<'a> Windows<'a> {
     /// `entries` are chunks stored in `img`'s file, sorted by their place
     /// in it; `count` windows are in use at most.
     pub fn new(img: &'a Image, entries: &'a [&'a Entry], count: usize) -> Windows<'a> {
+        Windows::sized(img, entries, count, WINDOW)
+    }
+
+    fn sized(img: &'a Image, entries: &'a [&'a Entry], count: usize, window: usize) -> Windows<'a> {
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::OpenOptionsExt;
         // Reopened through /proc: the image may be a download whose path
@@ -70,7 +74,9 @@ impl<'a> Windows<'a> {
             .open(format!("/proc/self/fd/{}", img.file().as_raw_fd()))
             .ok();
         let largest = entries.iter().map(|e| e.stored_len as usize).max();
-        let size = WINDOW.max(largest.unwrap_or(0) + 2 * DIRECT_ALIGN);
+        let size = window
+            .max(largest.unwrap_or(0) + 2 * DIRECT_ALIGN)
+            .next_multiple_of(DIRECT_ALIGN);
         let (home, pool) = sync_channel(count);
         for _ in 0..count {
             let _ = home.send(AlignedBuf::new(size));
@@ -87,7 +93,10 @@ impl<'a> Windows<'a> {
 
     /// The next window and which of the entries it holds; None at the end,
     /// or once `stopped` says so while waiting for a free window.
-    pub fn next(&mut self, stopped: &dyn Fn() -> bool) -> Option<Result<(Arc<Window>, Range<usize>)>> {
+    pub fn next(
+        &mut self,
+        stopped: &dyn Fn() -> bool,
+    ) -> Option<Result<(Arc<Window>, Range<usize>)>> {
         let first = *self.entries.get(self.next)?;
         let mut buf = loop {
             match self.pool.recv_timeout(Duration::from_millis(100)) {
@@ -98,10 +107,24 @@ impl<'a> Windows<'a> {
         };
         let start = first.pos / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64;
         let end_of = |e: &Entry| e.pos + u64::from(e.stored_len);
-        let fits = |e: &Entry| (end_of(e) - start) as usize <= buf.capacity();
+        // Reads are whole aligned blocks, so that is what must fit.
+        let room = buf.capacity() / DIRECT_ALIGN * DIRECT_ALIGN;
+        let fits =
+            |e: &Entry| ((end_of(e) - start) as usize).next_multiple_of(DIRECT_ALIGN) <= room;
         let from = self.next;
-        while self.entries.get(self.next).is_some_and(|e| e.pos >= start && fits(e)) {
+        while self
+            .entries
+            .get(self.next)
+            .is_some_and(|e| e.pos >= start && fits(e))
+        {
             self.next += 1;
+        }
+        if self.next == from {
+            return Some(Err(anyhow::anyhow!(
+                "the chunk at volume offset {} claims {} stored bytes, more than a read window: damaged index",
+                first.offset,
+                first.stored_len
+            )));
         }
         let last = self.entries[self.next - 1];
         let want = ((end_of(last) - start) as usize).next_multiple_of(DIRECT_ALIGN);
@@ -111,7 +134,10 @@ impl<'a> Windows<'a> {
         };
         buf.take(got);
         let held = start + got as u64;
-        if let Some(short) = self.entries[from..self.next].iter().find(|e| end_of(e) > held) {
+        if let Some(short) = self.entries[from..self.next]
+            .iter()
+            .find(|e| end_of(e) > held)
+        {
             return Some(Err(anyhow::anyhow!(
                 "reading the chunk at volume offset {}: {} ends at byte {held}, inside it (truncated?)",
                 short.offset,
@@ -165,4 +191,99 @@ fn read_full(f: &File, buf: &mut [u8], pos: u64, direct: bool) -> std::io::Resul
         }
     }
     Ok(got)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::create::{create, CreateOptions};
+
+    /// An image of a 3 MiB volume bmr does not know (read whole) in 64 KiB
+    /// chunks, half of them compressible, none all-zero.
+    fn image(dir: &std::path::Path) -> std::path::PathBuf {
+        let vol = dir.join("vol");
+        let mut x = 7u64;
+        let data: Vec<u8> = (0..3 << 20)
+            .map(|i: usize| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                if (i >> 16) % 2 == 0 {
+                    b'a' + (x >> 60) as u8
+                } else {
+                    (x >> 33) as u8
+                }
+            })
+            .collect();
+        std::fs::write(&vol, data).unwrap();
+        let to = dir.join("vol.bmri");
+        create(&CreateOptions {
+            device: vol,
+            to: to.clone(),
+            parent: None,
+            secret: None,
+            level: 3,
+            chunk_size: 64 << 10,
+            name: None,
+            watch: None,
+        })
+        .unwrap();
+        to
+    }
+
+    fn stored(img: &Image) -> Vec<&Entry> {
+        let mut v: Vec<&Entry> = img
+            .entries
+            .iter()
+            .filter(|e| e.kind.has_payload())
+            .collect();
+        v.sort_by_key(|e| e.pos);
+        v
+    }
+
+    #[test]
+    fn windows_hold_every_payload_once_in_file_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = Image::open(&image(dir.path()), None).unwrap();
+        let entries = stored(&img);
+        assert!(entries.len() >= 48, "{} chunks", entries.len());
+        // Windows of 128 KiB: each holds a few payloads, many straddle one.
+        let mut w = Windows::sized(&img, &entries, 2, 128 << 10);
+        let (mut next, mut windows) = (0, 0);
+        while let Some(r) = w.next(&|| false) {
+            let (win, range) = r.unwrap();
+            assert_eq!(range.start, next);
+            for e in &entries[range.clone()] {
+                assert_eq!(win.payload(e), &img.payload(e).unwrap()[..]);
+            }
+            next = range.end;
+            windows += 1;
+        }
+        assert_eq!(next, entries.len());
+        assert!(windows > 4, "{windows} windows");
+    }
+
+    #[test]
+    fn a_file_cut_short_names_the_chunk_it_cuts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = image(dir.path());
+        let img = Image::open(&path, None).unwrap();
+        let entries = stored(&img);
+        let cut = entries[entries.len() / 2];
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(cut.pos + 10)
+            .unwrap();
+        let mut w = Windows::sized(&img, &entries, 2, 128 << 10);
+        let err = std::iter::from_fn(|| w.next(&|| false))
+            .find_map(|r| r.err())
+            .expect("an error for the cut chunk");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains(&format!("volume offset {}", cut.offset)) && msg.contains("truncated"),
+            "{msg}"
+        );
+    }
 }
