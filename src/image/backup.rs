@@ -304,7 +304,15 @@ fn from_snapshot(
     // before: either way its image is refused.
     let used = snap.check();
     let (c, used) = match (result, used) {
-        (_, Err(e)) => return Err(e),
+        (Ok(c), Err(e)) => {
+            // Already written out: an image that looks whole must not stay.
+            let path = c.path.display();
+            return Err(match std::fs::remove_file(&c.path) {
+                Ok(()) => e.context(format!("the image read from it, {path}, was removed")),
+                Err(_) => e.context(format!("the image read from it, {path}, must not be used")),
+            });
+        }
+        (Err(_), Err(e)) => return Err(e),
         (Err(e), Ok(_)) => {
             return Err(e.context(format!("reading the LVM snapshot {label} (it is removed)")))
         }
