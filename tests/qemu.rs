@@ -302,8 +302,16 @@ fn run(name: &str, s: &Scenario, fw: &str, f: &Fixtures) -> Result<String, Strin
             .iter()
             .map(|st| (Some(st.send.as_str()), &st.expect)),
     );
+    // Where the last stage's markers ended: the shell's prompt that follows
+    // them must be out before a command is sent, or it would count as the
+    // command's own (a command "finished" at once, and failed).
+    let mut seen = 0;
     'stages: for (send, expect) in stages {
         if let Some(text) = send {
+            let settle = deadline.min(vm.elapsed() + Duration::from_secs(30));
+            wait_until(&vm, settle, |log| {
+                log.get(seen..).is_some_and(|rest| rest.contains(PROMPT))
+            });
             let prompts = vm.log().matches(PROMPT).count();
             vm.send(&format!("{text}\n"));
             // A command that fails shows the next prompt without its marker:
@@ -342,6 +350,9 @@ fn run(name: &str, s: &Scenario, fw: &str, f: &Fixtures) -> Result<String, Strin
                 Ok(t) => {
                     if want.contains("rescue system ready") {
                         ready = Some(t);
+                    }
+                    if let Some(at) = vm.log().rfind(want.as_str()) {
+                        seen = seen.max(at + want.len());
                     }
                 }
                 Err(e) => {
