@@ -306,10 +306,13 @@ fn from_snapshot(
     let (c, used) = match (result, used) {
         (Ok(c), Err(e)) => {
             // Already written out: an image that looks whole must not stay.
+            // Only a file this run wrote is deleted, never a tape device.
             let path = c.path.display();
-            return Err(match std::fs::remove_file(&c.path) {
-                Ok(()) => e.context(format!("the image read from it, {path}, was removed")),
-                Err(_) => e.context(format!("the image read from it, {path}, must not be used")),
+            let removed = c.is_file && std::fs::remove_file(&c.path).is_ok();
+            return Err(if removed {
+                e.context(format!("the image read from it, {path}, was removed"))
+            } else {
+                e.context(format!("the image read from it, {path}, must not be used"))
             });
         }
         (Err(_), Err(e)) => return Err(e),

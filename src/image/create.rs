@@ -42,6 +42,9 @@ pub struct CreateOptions {
 #[derive(Debug, Default)]
 pub struct Created {
     pub path: PathBuf,
+    /// Whether `path` is an image file this run wrote and moved into place
+    /// (not a tape spec or a URL): the one thing a refused image may delete.
+    pub is_file: bool,
     pub chunks: u64,
     pub stored_chunks: u64,
     pub parent_chunks: u64,
@@ -386,6 +389,7 @@ pub fn create_into(o: &CreateOptions, sink: Option<&mut dyn Write>) -> Result<Cr
             fs::rename(&tmp, &path)
                 .with_context(|| format!("moving the image into place at {}", path.display()))?;
             created.path = path;
+            created.is_file = upload.is_none();
             created.used_bytes = used_bytes;
             if let (Some((name, _keep)), Some(Store::Http(h))) = (&upload, &store) {
                 let url = h.put_image(name, &created.path)?;
