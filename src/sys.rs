@@ -113,6 +113,23 @@ pub fn delete_partition(fd: BorrowedFd<'_>, number: u32) -> io::Result<()> {
     blkpg(fd, 2, number, 0, 0)
 }
 
+mod zero {
+    // <linux/fs.h>: BLKZEROOUT _IO(0x12, 127), argument uint64_t[2] {start, length}
+    nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
+}
+
+/// Has a block device zero `len` bytes at `offset` itself (BLKZEROOUT: a
+/// WRITE ZEROES request where the device takes one, else the kernel writes
+/// zero pages). Both must be multiples of the logical sector size.
+pub fn zero_out(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    let range = [offset, len];
+    // SAFETY: range is a valid [u64; 2] that outlives the call; the kernel
+    // only reads it.
+    unsafe { zero::blkzeroout(fd.as_raw_fd(), &range) }
+        .map(drop)
+        .map_err(io::Error::from)
+}
+
 /// Starts writing back the dirty pages of `len` bytes at `offset`, without
 /// waiting: a long write then reaches the disk as it goes instead of in one
 /// flush at the end.

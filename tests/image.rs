@@ -354,6 +354,34 @@ fn text_volume(dir: &Path, name: &str, mib: u64, lines: u64) -> PathBuf {
     img
 }
 
+/// How many blocks in use on the ext4 volume `a` differ in `b`.
+fn used_blocks_differing(a: &Path, b: &Path) -> u64 {
+    sh(&format!(
+        r#"python3 - {0} {1} <<'PY'
+import re, subprocess, sys
+out = subprocess.run(["dumpe2fs", sys.argv[1]], capture_output=True, text=True).stdout
+bs = int(re.search(r"Block size:\s+(\d+)", out).group(1))
+n = int(re.search(r"Block count:\s+(\d+)", out).group(1))
+free = bytearray(n)
+for m in re.finditer(r"^\s+Free blocks: (.*)$", out, re.M):
+    for r in filter(None, (x.strip() for x in m.group(1).split(","))):
+        lo, _, hi = r.partition("-")
+        free[int(lo):int(hi or lo) + 1] = b"\1" * (int(hi or lo) + 1 - int(lo))
+differ = 0
+with open(sys.argv[1], "rb") as x, open(sys.argv[2], "rb") as y:
+    for i in range(n):
+        p, q = x.read(bs), y.read(bs)
+        differ += not free[i] and p != q
+print(differ)
+PY"#,
+        a.display(),
+        b.display()
+    ))
+    .trim()
+    .parse()
+    .unwrap()
+}
+
 fn info_json(img: &Path) -> serde_json::Value {
     serde_json::from_str(&ok(bmr_out(&["image", "info", "--json"], &[img]))).unwrap()
 }
@@ -384,11 +412,25 @@ fn a_dictionary_is_sampled_checked_and_found_across_a_repository() {
         ok(bmr_out(&["image", "info"], &[&img])).contains("dictionary of the volume's own bytes")
     );
     ok(bmr_out(&["image", "verify"], &[&img]));
-    let target = file(tmp.path(), "t.img", 160);
-    ok(bmr_out(
-        &["image", "restore", "--from"],
-        &[&img, Path::new("--device"), &target],
+    // Onto a block device full of old data: every used block comes back,
+    // the all-zero ones (the journal) zeroed by the device.
+    let target = tmp.path().join("t.img");
+    sh(&format!(
+        "head -c 160M /dev/zero | tr '\\0' '\\252' > {}",
+        target.display()
     ));
+    {
+        let disk = LoopDisk::attach(&target);
+        ok(bmr_out(
+            &["image", "restore", "--no-grow", "--from"],
+            &[&img, Path::new("--device"), Path::new(&disk.dev)],
+        ));
+    }
+    assert_eq!(
+        used_blocks_differing(&vol, &target),
+        0,
+        "used blocks that differ"
+    );
     sh(&format!("e2fsck -fn {} >/dev/null", target.display()));
     let got = {
         let m = mount_img(&target, &tmp.path().join("t"), false, true);

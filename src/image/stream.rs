@@ -94,6 +94,8 @@ pub fn restore_stream<R: Read>(
                 progress.add(data.len() as u64);
                 if offset == 0 {
                     first = Some(data);
+                } else if rec.kind == Kind::Zero {
+                    out.zero_range(offset, data.len() as u64)?;
                 } else {
                     out.write_at(&data, offset)?;
                 }
