@@ -9,15 +9,12 @@ use bmr::image::{format, read};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let mut h = data;
-    if let Ok((header, _)) = format::read_header(&mut h) {
-        let _ = read::read_dictionary(&mut h, &header, None, "fuzz");
-    }
+    let _ = format::read_header(&mut &data[..]);
     let mut r = data;
     for _ in 0..64 {
         match format::read_record(&mut r) {
             Ok(Some(rec)) => {
-                let _ = read::decode(None, None, rec.raw_len, &rec.id, rec.flags, rec.payload, "fuzz");
+                let _ = read::decode(None, rec.raw_len, &rec.id, rec.flags, rec.payload, "fuzz");
             }
             Ok(None) => {
                 let _ = format::read_index_stream(&mut r);

@@ -52,7 +52,7 @@ impl Source {
         })
     }
 
-    pub(super) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         if let Some(d) = self.direct.as_ref().filter(|_| direct_ok(buf, offset)) {
             match d.read_exact_at(buf, offset) {
                 Ok(()) => return Ok(()),

@@ -6,7 +6,7 @@ use anyhow::Result;
 use serde_json::json;
 
 use super::create::{self, CreateOptions};
-use super::format::{self, Kind};
+use super::format::Kind;
 use super::read::Image;
 use super::{backup, files, mount, on_tape, restore};
 use crate::cli::ImageCmd;
@@ -191,8 +191,6 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
                 "map_source": h.map_source,
                 "chunk_size": h.chunk_size,
                 "compression": format!("{} level {}", h.compression, h.level),
-                "dictionary": h.dictionary.as_ref().map(|d| json!({"id": d.id, "bytes": d.len, "stored_bytes": d.stored_len}))
-                    .or_else(|| img.dictionary().map(|d| json!({"id": format::hex(&d.id), "bytes": d.len(), "in": "parent"}))),
                 "encrypted": h.encryption.is_some(),
                 "chunks": {"metadata": count(Kind::Meta), "data": count(Kind::Data), "zero": count(Kind::Zero), "parent": count(Kind::Parent), "repository": count(Kind::External)},
                 "parent": h.parent,
@@ -229,20 +227,8 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
                     size(u64::from(h.chunk_size)),
                     info["chunks"]
                 );
-                let dictionary = match (&h.dictionary, img.dictionary()) {
-                    (Some(d), _) => format!(
-                        " against a {} dictionary of the volume's own bytes (stored in {})",
-                        size(u64::from(d.len)),
-                        size(u64::from(d.stored_len))
-                    ),
-                    (None, Some(d)) => format!(
-                        " against its parent's {} dictionary",
-                        size(u64::from(d.len()))
-                    ),
-                    (None, None) => String::new(),
-                };
                 println!(
-                    "{}{dictionary}, {}",
+                    "{}, {}",
                     info["compression"].as_str().unwrap_or_default(),
                     if h.encryption.is_some() {
                         "encrypted (XChaCha20-Poly1305, Argon2id)"

@@ -13,10 +13,9 @@ use anyhow::{bail, Context, Result};
 use uuid::Uuid;
 
 use super::chunker::{self, Job, Source};
-use super::codec::{self, Dictionary};
+use super::codec;
 use super::crypto::{self, Key};
-use super::dictionary;
-use super::format::{self, DictInfo, Entry, Header, Kind, ParentRef, Record, Trailer, VolumeInfo};
+use super::format::{self, Entry, Header, Kind, ParentRef, Record, Trailer, VolumeInfo};
 use super::http::{self, HttpStore};
 use super::progress::Progress;
 use super::read::Image;
@@ -81,30 +80,13 @@ fn intersects(ranges: &[Range<u64>], r: &Range<u64>) -> bool {
     ranges.get(i).is_some_and(|x| x.start < r.end)
 }
 
-/// The dictionary chunks are compressed against (this image's, or its
-/// parent's), and its stored form (flags, payload) when this image carries it.
-struct ImageDict {
-    dict: Dictionary,
-    stored: Option<(u8, Vec<u8>)>,
-}
-
-/// What sealing a chunk takes besides the chunk.
-struct Sealing<'a> {
-    key: Option<&'a Key>,
-    parent: Option<&'a Image>,
-    store: Option<&'a dyn ChunkStore>,
-    dict: Option<&'a ImageDict>,
+fn seal_chunk(
+    job: &Job,
+    key: Option<&Key>,
+    parent: Option<&Image>,
+    store: Option<&dyn ChunkStore>,
     level: i32,
-}
-
-fn seal_chunk(job: &Job, s: &Sealing) -> Result<(Record, bool)> {
-    let Sealing {
-        key,
-        parent,
-        store,
-        level,
-        ..
-    } = *s;
+) -> Result<(Record, bool)> {
     let data = job.buf.bytes();
     let raw_len = data.len() as u32;
     if data.iter().all(|&b| b == 0) {
@@ -168,7 +150,6 @@ fn seal_chunk(job: &Job, s: &Sealing) -> Result<(Record, bool)> {
         &id,
         level,
         base.as_ref().map(|(bid, b)| (bid, &b[..])),
-        s.dict.map(|d| &d.dict),
         key,
     )?;
     if let Some(s) = store {
@@ -345,30 +326,6 @@ pub fn create_into(o: &CreateOptions, sink: Option<&mut dyn Write>) -> Result<Cr
         }
     }
     let used_bytes: u64 = map.used.iter().map(|r| r.end - r.start).sum();
-    let chunk = u64::from(o.chunk_size);
-    let plan = order(&map, chunk);
-    // An incremental image compresses against its parent's dictionary
-    // (restoring it reads the parent anyway); a full one samples its own.
-    let dict = match &parent {
-        Some(p) => match p.dictionary() {
-            Some(d) => Some(ImageDict {
-                dict: d.for_level(o.level)?,
-                stored: None,
-            }),
-            None => None,
-        },
-        None => match dictionary::sample(&Source::open(&o.device)?, &map.used, plan.len())? {
-            Some(bytes) => {
-                let d = Dictionary::new(key.as_ref(), bytes, o.level)?;
-                let stored = codec::encode(&d.bytes, &d.id, o.level, None, None, key.as_ref())?;
-                Some(ImageDict {
-                    dict: d,
-                    stored: Some(stored),
-                })
-            }
-            None => None,
-        },
-    };
     let header = Header {
         format: format::FORMAT,
         image_id: Uuid::new_v4(),
@@ -392,26 +349,17 @@ pub fn create_into(o: &CreateOptions, sink: Option<&mut dyn Write>) -> Result<Cr
         encryption,
         map_source: map.source.clone(),
         used_bytes,
-        imaged_bytes: plan.iter().map(|(off, _)| chunk.min(map.size - off)).sum(),
-        dictionary: dict.as_ref().and_then(|ImageDict { dict: d, stored }| {
-            stored.as_ref().map(|(flags, payload)| DictInfo {
-                id: format::hex(&d.id),
-                len: d.len(),
-                flags: *flags,
-                stored_len: payload.len() as u32,
-            })
-        }),
-    };
-    let sealing = |store| Sealing {
-        key: key.as_ref(),
-        parent: parent.as_ref(),
-        store,
-        dict: dict.as_ref(),
-        level: o.level,
+        imaged_bytes: {
+            let chunk = u64::from(o.chunk_size);
+            order(&map, chunk)
+                .iter()
+                .map(|(off, _)| chunk.min(map.size - off))
+                .sum()
+        },
     };
 
     if let Some(w) = sink {
-        let mut c = write_stream(o, &map, &plan, &header, w, &sealing(None))?;
+        let mut c = write_stream(o, &map, &header, w, key.as_ref(), parent.as_ref(), None)?;
         c.path = o.to.clone();
         c.used_bytes = used_bytes;
         return Ok(c);
@@ -430,10 +378,11 @@ pub fn create_into(o: &CreateOptions, sink: Option<&mut dyn Write>) -> Result<Cr
     let result = write_image(
         o,
         &map,
-        &plan,
         &header,
         &tmp,
-        &sealing(store.as_ref().map(|s| s as &dyn ChunkStore)),
+        key.as_ref(),
+        parent.as_ref(),
+        store.as_ref().map(|s| s as &dyn ChunkStore),
     );
     match result {
         Ok(mut created) => {
@@ -459,10 +408,11 @@ pub fn create_into(o: &CreateOptions, sink: Option<&mut dyn Write>) -> Result<Cr
 fn write_image(
     o: &CreateOptions,
     map: &UsedMap,
-    plan: &[(u64, bool)],
     header: &Header,
     tmp: &Path,
-    sealing: &Sealing,
+    key: Option<&Key>,
+    parent: Option<&Image>,
+    store: Option<&dyn ChunkStore>,
 ) -> Result<Created> {
     let file = OpenOptions::new()
         .write(true)
@@ -470,7 +420,7 @@ fn write_image(
         .open(tmp)
         .with_context(|| format!("creating {} (is the destination writable?)", tmp.display()))?;
     let mut w = BufWriter::with_capacity(4 << 20, Writeback::new(file));
-    let c = write_stream(o, map, plan, header, &mut w, sealing)?;
+    let c = write_stream(o, map, header, &mut w, key, parent, store)?;
     let file = w.into_inner().map_err(|e| e.into_error())?.file;
     file.sync_all().context("flushing the image")?;
     Ok(c)
@@ -518,31 +468,20 @@ impl Write for Writeback {
     }
 }
 
-/// The image as one front-to-back stream (header, dictionary, records,
-/// index, trailer): what a file and a tape both receive; nothing is ever
-/// sought back to.
-fn write_stream(
+/// The image as one front-to-back stream (header, records, index, trailer):
+/// what a file and a tape both receive; nothing is ever sought back to.
+pub fn write_stream(
     o: &CreateOptions,
     map: &UsedMap,
-    plan: &[(u64, bool)],
     header: &Header,
     w: &mut dyn Write,
-    sealing: &Sealing,
+    key: Option<&Key>,
+    parent: Option<&Image>,
+    store: Option<&dyn ChunkStore>,
 ) -> Result<Created> {
     let mut pos = format::write_header(&mut &mut *w, header)?;
-    if let Some(ImageDict {
-        dict: d,
-        stored: Some((flags, payload)),
-    }) = sealing.dict
-    {
-        w.write_all(payload)?;
-        pos += payload.len() as u64;
-        // Repository chunks name it by id; any image's reader finds it there.
-        if let Some(s) = sealing.store {
-            s.put(&d.id, *flags, payload)?;
-        }
-    }
     let chunk = u64::from(o.chunk_size);
+    let plan = order(map, chunk);
     let total: u64 = plan.iter().map(|(off, _)| chunk.min(map.size - off)).sum();
     let mut progress = Progress::new(&format!("imaging {}", o.device.display()), total);
     let started = std::time::SystemTime::now();
@@ -552,11 +491,11 @@ fn write_stream(
     let source = Source::open(&o.device)?;
     chunker::run(
         &source,
-        plan,
+        &plan,
         chunk,
         map.size,
         &map.used,
-        |job| seal_chunk(job, sealing),
+        |job| seal_chunk(job, key, parent, store, o.level),
         |rec, dedup| {
             c.chunks += 1;
             match rec.kind {

@@ -13,8 +13,7 @@ use super::crypto;
 pub const MAGIC: &[u8; 8] = b"BMRIMG\x00\x01";
 pub const TRAILER_MAGIC: &[u8; 8] = b"BMRTRAIL";
 pub const TRAILER_LEN: usize = 8 + 8 + 8 + 32 + 8;
-/// Format 2 added the dictionary; images of format 1 (none) still read.
-pub const FORMAT: u32 = 2;
+pub const FORMAT: u32 = 1;
 /// Header JSON larger than this is refused as damaged.
 const MAX_HEADER: u32 = 1 << 20;
 /// A chunk's stored bytes may exceed its raw size a little (AEAD overhead).
@@ -45,26 +44,7 @@ pub struct Header {
     /// a restore writes, known before the first record on a tape.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub imaged_bytes: u64,
-    /// The dictionary chunks are compressed against, stored right after the
-    /// header (absent: none, or the parent's for an incremental image).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dictionary: Option<DictInfo>,
 }
-
-/// Where the dictionary's stored bytes are: right after the header, in the
-/// same form as a chunk's payload (compressed, sealed when encrypted).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DictInfo {
-    /// Hex of its id, computed as a chunk's.
-    pub id: String,
-    pub len: u32,
-    pub flags: u8,
-    pub stored_len: u32,
-}
-
-/// A dictionary larger than this is refused as damaged.
-const MAX_DICT: u32 = 4 << 20;
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
@@ -138,8 +118,6 @@ pub const FLAG_COMPRESSED: u8 = 1;
 pub const FLAG_ENCRYPTED: u8 = 2;
 /// Compressed against a base chunk whose id leads the (decrypted) payload.
 pub const FLAG_DELTA: u8 = 4;
-/// Compressed against a dictionary whose id leads the (decrypted) payload.
-pub const FLAG_DICT: u8 = 8;
 const END: u8 = b'E';
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,46 +178,16 @@ pub fn read_header<R: Read>(r: &mut R) -> Result<(Header, u64)> {
     let h: Header = serde_json::from_slice(&json)
         .map_err(|e| anyhow!("the image header is not understood: {e}"))?;
     ensure!(
-        (1..=FORMAT).contains(&h.format),
-        "image format {} is not one this bmr reads (1 to {FORMAT}); use a newer bmr",
+        h.format == FORMAT,
+        "image format {} is not one this bmr reads ({FORMAT}); use a newer bmr",
         h.format
     );
-    if let Some(d) = &h.dictionary {
-        ensure!(
-            d.len <= MAX_DICT && d.stored_len <= MAX_DICT + 64 && unhex32(&d.id).is_some(),
-            "the image header describes an implausible dictionary: damaged"
-        );
-    }
     ensure!(
         h.chunk_size >= 4096 && h.chunk_size <= 64 << 20 && h.chunk_size.is_power_of_two(),
         "implausible chunk size {}",
         h.chunk_size
     );
     Ok((h, 8 + 4 + u64::from(len) + 32))
-}
-
-/// The dictionary's id and stored bytes, read from just after the header.
-pub fn read_dictionary<R: Read>(r: &mut R, h: &Header) -> Result<Option<([u8; 32], Vec<u8>)>> {
-    let Some(d) = &h.dictionary else {
-        return Ok(None);
-    };
-    let id = unhex32(&d.id).ok_or_else(|| anyhow!("the dictionary's id is damaged"))?;
-    let mut payload = vec![0u8; d.stored_len as usize];
-    r.read_exact(&mut payload)
-        .map_err(|_| anyhow!("the image is truncated inside its dictionary"))?;
-    Ok(Some((id, payload)))
-}
-
-/// 64 hex digits as 32 bytes.
-pub fn unhex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 || !s.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
 }
 
 fn read_u32<R: Read>(r: &mut R) -> Result<u32> {
@@ -491,7 +439,6 @@ mod tests {
             map_source: "test".into(),
             used_bytes: 5,
             imaged_bytes: 1 << 20,
-            dictionary: None,
         }
     }
 

@@ -9,7 +9,6 @@ pub mod cli;
 pub mod codec;
 pub mod create;
 pub mod crypto;
-pub mod dictionary;
 pub mod files;
 pub mod format;
 pub mod http;

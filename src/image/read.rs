@@ -1,18 +1,16 @@
 //! Opening an image and everything it depends on (its parents, its
 //! repository, its key), checked whole before a single byte is restored.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 
-use super::codec::{self, Alone, BaseRef, Dictionary, Refs};
+use super::codec;
 use super::crypto::{self, Key};
-use super::format::{self, DictInfo, Entry, Header, Kind};
+use super::format::{self, Entry, Header, Kind};
 use super::http::{self, HttpStore};
 use super::store::{ChunkStore, DirStore, Store};
 
@@ -26,10 +24,6 @@ pub struct Image {
     file: File,
     key: Option<Key>,
     store: Option<Store>,
-    /// The dictionary this image carries.
-    dictionary: Option<Arc<Dictionary>>,
-    /// Dictionaries of other images, met in repository chunks.
-    foreign: Mutex<HashMap<[u8; 32], Arc<Dictionary>>>,
     pub parent: Option<Box<Image>>,
     /// Where a remote image was downloaded to; removed with the Image.
     _download: Option<tempfile::TempDir>,
@@ -47,11 +41,9 @@ pub fn key_for(header: &Header, secret: Option<&[u8]>, what: &str) -> Result<Opt
 
 /// A stored chunk's plain bytes: decrypted, decompressed and checked
 /// against its id. `at` names the chunk in errors. For a medium read front
-/// to back, which carries no parent to take a delta's base from, only the
-/// image's own dictionary.
+/// to back, which carries no parent to take a delta's base from.
 pub fn decode(
     key: Option<&Key>,
-    dict: Option<&Arc<Dictionary>>,
     raw_len: u32,
     id: &[u8; 32],
     flags: u8,
@@ -59,53 +51,12 @@ pub fn decode(
     at: &str,
 ) -> Result<Vec<u8>> {
     let mut out = vec![0u8; raw_len as usize];
-    codec::decode_into(key, id, flags, &payload, &mut out, &Alone(dict), at)?;
+    let no_base = |_: &codec::BaseRef| -> Result<Vec<u8>> {
+        bail!("a delta of a parent's chunk, but this medium carries full images only")
+    };
+    codec::decode_into(key, id, flags, &payload, &mut out, &no_base, at)?;
     Ok(out)
 }
-
-/// A dictionary from its stored bytes, checked against its id. It may not
-/// itself refer to anything.
-pub fn open_dictionary(
-    key: Option<&Key>,
-    id: [u8; 32],
-    len: u32,
-    flags: u8,
-    payload: &[u8],
-    what: &str,
-) -> Result<Arc<Dictionary>> {
-    ensure!(
-        len <= MAX_DICT,
-        "{what}: a dictionary of {len} bytes: damaged"
-    );
-    let mut bytes = vec![0u8; len as usize];
-    codec::decode_into(key, &id, flags, payload, &mut bytes, &Alone(None), what)?;
-    Ok(Arc::new(
-        Dictionary::open(key, id, bytes).with_context(|| what.to_string())?,
-    ))
-}
-
-/// The image's own dictionary, read from a stream just after its header.
-pub fn read_dictionary<R: std::io::Read>(
-    r: &mut R,
-    header: &Header,
-    key: Option<&Key>,
-    what: &str,
-) -> Result<Option<Arc<Dictionary>>> {
-    match (format::read_dictionary(r, header)?, &header.dictionary) {
-        (Some((id, payload)), Some(DictInfo { len, flags, .. })) => Ok(Some(open_dictionary(
-            key,
-            id,
-            *len,
-            *flags,
-            &payload,
-            &format!("{what}: its dictionary"),
-        )?)),
-        _ => Ok(None),
-    }
-}
-
-/// The largest dictionary a reader takes (bmr writes 256 KiB ones).
-const MAX_DICT: u32 = 4 << 20;
 
 /// Deltas of deltas are bounded by the chain; a repository that claims a
 /// deeper one is damaged (or built to loop).
@@ -131,7 +82,7 @@ impl Image {
     fn open_at(path: &Path, secret: Option<&[u8]>, url: Option<&str>) -> Result<Image> {
         let mut file =
             File::open(path).with_context(|| format!("opening image {}", path.display()))?;
-        let (header, header_len) = format::read_header(&mut BufReader::new(&mut file))
+        let (header, _) = format::read_header(&mut BufReader::new(&mut file))
             .with_context(|| format!("{}", path.display()))?;
         let len = file.metadata()?.len();
         ensure!(
@@ -172,24 +123,6 @@ impl Image {
             );
         }
         let key = key_for(&header, secret, &path.display().to_string())?;
-        let dictionary = match &header.dictionary {
-            None => None,
-            Some(d) => {
-                let mut stored = vec![0u8; d.stored_len as usize];
-                file.read_exact_at(&mut stored, header_len).map_err(|_| {
-                    anyhow!(
-                        "{}: the image is truncated inside its dictionary",
-                        path.display()
-                    )
-                })?;
-                read_dictionary(
-                    &mut &stored[..],
-                    &header,
-                    key.as_ref(),
-                    &path.display().to_string(),
-                )?
-            }
-        };
         let store = match (entries.iter().any(|e| e.kind == Kind::External), url) {
             (false, _) => None,
             (true, Some(u)) => Some(Store::Http(HttpStore::of_image(u)?)),
@@ -235,19 +168,9 @@ impl Image {
             file,
             key,
             store,
-            dictionary,
-            foreign: Mutex::new(HashMap::new()),
             parent,
             _download: None,
         })
-    }
-
-    /// The dictionary new chunks of this image's volume are compressed
-    /// against: its own, or its parent's for an incremental image.
-    pub fn dictionary(&self) -> Option<&Arc<Dictionary>> {
-        self.dictionary
-            .as_ref()
-            .or_else(|| self.parent.as_ref().and_then(|p| p.dictionary()))
     }
 
     pub fn chain_len(&self) -> usize {
@@ -351,59 +274,19 @@ impl Image {
             e.offset,
             self.path.display()
         );
-        let refs = ChunkRefs {
-            img: self,
-            offset: e.offset,
-            depth: depth + 1,
-        };
-        codec::decode_into(self.key.as_ref(), &e.id, flags, payload, out, &refs, &at)
-    }
-
-    /// A dictionary a chunk was compressed against: this image's or a
-    /// parent's, else (a chunk another image of the repository stored) the
-    /// repository's of that id, read once.
-    fn find_dictionary(&self, r: &BaseRef) -> Result<Arc<Dictionary>> {
-        let mut img = Some(self);
-        while let Some(i) = img {
-            if let Some(d) = i.dictionary.as_ref().filter(|d| d.names(r)) {
-                return Ok(d.clone());
-            }
-            img = i.parent.as_deref();
-        }
-        let mut foreign = self
-            .foreign
-            .lock()
-            .map_err(|_| anyhow!("a decoder failed while reading a dictionary"))?;
-        if let Some(d) = foreign.get(&r.id).filter(|d| d.len() == r.len) {
-            return Ok(d.clone());
-        }
-        let store = self.store.as_ref().ok_or_else(|| {
-            anyhow!(
-                "compressed with dictionary {}, which neither the image, its parents nor a repository holds",
-                format::hex(&r.id)
-            )
-        })?;
-        let (flags, payload) = store.get(&r.id)?;
-        let d = open_dictionary(
-            self.key.as_ref(),
-            r.id,
-            r.len,
-            flags,
-            &payload,
-            &format!("dictionary {} of the repository", format::hex(&r.id)),
-        )?;
-        foreign.insert(r.id, d.clone());
-        Ok(d)
+        let base = |r: &codec::BaseRef| self.base(e.offset, r, depth + 1);
+        codec::decode_into(self.key.as_ref(), &e.id, flags, payload, out, &base, &at)
     }
 
     /// The base chunk a delta at `offset` was made against: the parent's
     /// chunk there, else (a chunk another image of the repository stored)
     /// the repository's chunk of that id.
-    fn base(&self, offset: u64, r: &BaseRef, depth: usize) -> Result<Vec<u8>> {
+    fn base(&self, offset: u64, r: &codec::BaseRef, depth: usize) -> Result<Vec<u8>> {
         ensure!(
             depth <= MAX_DELTA_DEPTH,
             "deltas nested deeper than {MAX_DELTA_DEPTH}: damaged"
         );
+        // A damaged length must not become an allocation of gigabytes.
         ensure!(
             r.len <= self.header.chunk_size,
             "a delta of a {}-byte chunk in an image of {}-byte chunks: damaged",
@@ -439,19 +322,13 @@ impl Image {
         Ok(out)
     }
 
-    /// Bytes stored in this image file for chunks and the dictionary (not
-    /// counting parents or repository).
+    /// Bytes stored in this image file for chunks (not counting parents or repository).
     pub fn stored_bytes(&self) -> u64 {
         self.entries
             .iter()
             .filter(|e| e.kind.has_payload())
             .map(|e| u64::from(e.stored_len))
-            .sum::<u64>()
-            + self
-                .header
-                .dictionary
-                .as_ref()
-                .map_or(0, |d| u64::from(d.stored_len))
+            .sum()
     }
 
     /// Reads the records front to back, as a tape would, checking that they
@@ -460,8 +337,8 @@ impl Image {
         let mut file = self.file.try_clone()?;
         file.seek(SeekFrom::Start(0))?;
         let mut f = BufReader::new(file);
-        let (header, _) = format::read_header(&mut f)?;
-        format::read_dictionary(&mut f, &header)?;
+        let (_, start) = format::read_header(&mut f)?;
+        f.seek(SeekFrom::Start(start))?;
         let mut seen = Vec::new();
         while let Some(rec) = format::read_record(&mut f)? {
             seen.push((rec.offset, rec.kind, rec.id));
@@ -481,22 +358,5 @@ impl Image {
             );
         }
         Ok(())
-    }
-}
-
-/// What a chunk of `img` at `offset` may refer to.
-struct ChunkRefs<'a> {
-    img: &'a Image,
-    offset: u64,
-    depth: usize,
-}
-
-impl Refs for ChunkRefs<'_> {
-    fn base(&self, r: &BaseRef) -> Result<Vec<u8>> {
-        self.img.base(self.offset, r, self.depth)
-    }
-
-    fn dictionary(&self, r: &BaseRef) -> Result<Arc<Dictionary>> {
-        self.img.find_dictionary(r)
     }
 }

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::format::{self, Kind, Record};
 use super::progress::Progress;
-use super::read::{decode, key_for, read_dictionary};
+use super::read::{decode, key_for};
 use super::restore::{finish, open_target, Restored};
 
 const BATCH: usize = 16;
@@ -33,7 +33,6 @@ pub fn restore_stream<R: Read>(
         );
     }
     let key = key_for(&header, secret, what)?;
-    let dict = read_dictionary(&mut r, &header, key.as_ref(), what)?;
     let vol = header.volume.clone();
     let out = open_target(dev, &vol)?;
     let mut progress = Progress::new(
@@ -68,7 +67,6 @@ pub fn restore_stream<R: Read>(
                         Kind::Zero => vec![0u8; rec.raw_len as usize],
                         Kind::Meta | Kind::Data => decode(
                             key.as_ref(),
-                            dict.as_ref(),
                             rec.raw_len,
                             &rec.id,
                             rec.flags,
@@ -159,10 +157,6 @@ mod tests {
     }
 
     fn image_of(vol: &Path, dir: &Path) -> std::path::PathBuf {
-        image_in_chunks(vol, dir, DEFAULT_CHUNK / 4)
-    }
-
-    fn image_in_chunks(vol: &Path, dir: &Path, chunk_size: u32) -> std::path::PathBuf {
         let img = dir.join("vol.bmri");
         create(&CreateOptions {
             device: vol.to_path_buf(),
@@ -170,7 +164,7 @@ mod tests {
             parent: None,
             secret: None,
             level: 3,
-            chunk_size,
+            chunk_size: DEFAULT_CHUNK / 4,
             name: None,
             watch: None,
         })
@@ -196,31 +190,6 @@ mod tests {
         let r = restore_stream(&bytes[..], "test stream", &target, None, false).unwrap();
         assert!(r.written > 3_000_000);
         assert!(fs::read(&vol).unwrap() == fs::read(&target).unwrap());
-    }
-
-    #[test]
-    fn a_stream_carries_its_dictionary_in_front() {
-        let dir = tempfile::tempdir().unwrap();
-        let vol = volume(dir.path());
-        // 64 KiB chunks: enough of them for the volume to get a dictionary.
-        let img = image_in_chunks(&vol, dir.path(), 64 << 10);
-        let bytes = fs::read(&img).unwrap();
-        let (header, _) = format::read_header(&mut &bytes[..]).unwrap();
-        assert!(header.dictionary.is_some(), "{header:?}");
-        let target = blank(dir.path(), "target.img", 32 << 20);
-        restore_stream(&bytes[..], "test stream", &target, None, false).unwrap();
-        assert!(fs::read(&vol).unwrap() == fs::read(&target).unwrap());
-        // Cut inside the dictionary: refused before anything is written.
-        let target = blank(dir.path(), "cut.img", 32 << 20);
-        fs::write(&target, vec![7u8; 32 << 20]).unwrap();
-        let json_len = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
-        let cut = &bytes[..12 + json_len + 32 + 10];
-        let err = restore_stream(cut, "cut", &target, None, false).unwrap_err();
-        assert!(
-            format!("{err:#}").contains("inside its dictionary"),
-            "{err:#}"
-        );
-        assert!(fs::read(&target).unwrap().iter().all(|&b| b == 7));
     }
 
     #[test]
