@@ -286,10 +286,11 @@ pub enum ImageCmd {
         /// Image name inside a repository.
         #[arg(long)]
         name: Option<String>,
-        /// Chunk size in KiB (a power of two, 64 to 65536): smaller chunks make
-        /// smaller incrementals, larger ones compress a little better.
-        #[arg(long, value_name = "KIB", default_value_t = crate::image::create::DEFAULT_CHUNK / 1024)]
-        chunk_kib: u32,
+        /// Chunk size in KiB (a power of two, 64 to 65536). Default: 4096 for an
+        /// image file or a tape, 1024 in a repository (smaller chunks are found
+        /// identical more often), the parent's for an incremental image.
+        #[arg(long, value_name = "KIB")]
+        chunk_kib: Option<u32>,
         /// Tape record size in KiB: large records keep a drive streaming.
         #[arg(long, value_name = "KIB", default_value_t = (crate::image::tape::DEFAULT_RECORD / 1024) as u32)]
         record_kib: u32,

@@ -267,7 +267,16 @@ fn incremental_chain_of_three_and_repository_dedup() {
         assert!(out.contains("from the parent"), "{out}");
         let info: serde_json::Value =
             serde_json::from_str(&ok(bmr_out(&["image", "info", "--json"], &[&imgs[i]]))).unwrap();
-        assert!(info["chunks"]["parent"].as_u64().unwrap() > 10, "{info}");
+        let c = &info["chunks"];
+        let all: u64 = ["metadata", "data", "zero", "parent", "repository"]
+            .iter()
+            .map(|k| c[k].as_u64().unwrap())
+            .sum();
+        assert!(
+            c["parent"].as_u64().unwrap() * 2 > all,
+            "most chunks are the parent's: {info}"
+        );
+        assert_eq!(info["chunk_size"], 4 << 20, "cut like its parent: {info}");
         let child = fs::metadata(&imgs[i]).unwrap().len();
         assert!(
             child < 10 << 20,
@@ -275,6 +284,24 @@ fn incremental_chain_of_three_and_repository_dedup() {
         );
         assert_eq!(info["chain_length"], i as u64 + 1);
     }
+    // An incremental image is cut like its parent, or refused.
+    let odd = tmp.path().join("odd.bmri");
+    let err = refused(bmr_out(
+        &["image", "create", "--chunk-kib", "1024", "--device"],
+        &[
+            &vol,
+            Path::new("--to"),
+            &odd,
+            Path::new("--parent"),
+            &imgs[2],
+        ],
+    ));
+    assert!(
+        err.contains("4096 KiB chunks") && err.contains("leave out --chunk-kib"),
+        "{err}"
+    );
+    assert!(!odd.exists());
+
     let want = tree(&mount_img(&vol, &tmp.path().join("final"), false, true).dir);
     let target = file(tmp.path(), "t.img", 128);
     ok(bmr_out(&["image", "verify"], &[&imgs[2]]));
@@ -328,6 +355,11 @@ fn incremental_chain_of_three_and_repository_dedup() {
     assert!(
         chunks <= info["chunks"]["repository"].as_u64().unwrap(),
         "second volume added no chunk: {chunks} {info}"
+    );
+    assert_eq!(
+        info["chunk_size"],
+        1 << 20,
+        "a repository cuts finer: {info}"
     );
     let target3 = file(tmp.path(), "t3.img", 128);
     ok(bmr_out(

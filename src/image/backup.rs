@@ -367,7 +367,7 @@ pub fn backup(o: &BackupOptions) -> Result<Vec<Done>> {
             parent: None,
             secret: o.secret.clone(),
             level: o.level,
-            chunk_size: create::DEFAULT_CHUNK,
+            chunk_size: None,
             name: Some(name.clone()),
             watch: None,
         };

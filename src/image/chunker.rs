@@ -115,10 +115,11 @@ pub fn run(
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     // Each reader has its own buffers: one reader's chunks then never wait
     // for buffers held by the other's later ones, which could not be
-    // written before them. 16 MiB each lets reading go on through a run of
-    // changed chunks, which are slow to seal as deltas (incremental of the
-    // bench volume 0.90-1.05 s, was 1.06-1.15 with 6).
-    let per_reader = 16.max(2 * cores + 2);
+    // written before them. At least 16 MiB each lets reading go on through
+    // a run of changed chunks, which are slow to seal as deltas (incremental
+    // of the bench volume 0.90-1.05 s, was 1.06-1.15 with 6 MiB); at least
+    // two per sealer keep every core busy with large chunks.
+    let per_reader = (2 * cores + 2).max((16 << 20) / chunk.max(1) as usize);
     let buffers = READERS * per_reader;
     let pools: Vec<_> = (0..READERS)
         .map(|_| {

@@ -53,8 +53,10 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
             consistency,
             key,
         } => {
-            if !(64..=65536).contains(&chunk_kib) || !chunk_kib.is_power_of_two() {
-                anyhow::bail!("--chunk-kib {chunk_kib}: give a power of two from 64 to 65536");
+            if let Some(k) = chunk_kib {
+                if !(64..=65536).contains(&k) || !k.is_power_of_two() {
+                    anyhow::bail!("--chunk-kib {k}: give a power of two from 64 to 65536");
+                }
             }
             let mounted = mounted_rw(&device);
             let o = CreateOptions {
@@ -63,7 +65,7 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
                 parent,
                 secret: key.secret()?,
                 level,
-                chunk_size: chunk_kib * 1024,
+                chunk_size: chunk_kib.map(|k| k * 1024),
                 name,
                 watch: None,
             };

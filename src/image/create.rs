@@ -22,7 +22,16 @@ use super::read::Image;
 use super::store::{ChunkStore, DirStore, Store};
 use super::used::{self, UsedMap};
 
-pub const DEFAULT_CHUNK: u32 = 1 << 20;
+/// Chunks of an image file or a tape. Each chunk is compressed on its own
+/// (so that it can be read, restored and verified alone), and zstd starts
+/// each one cold: measured against `zstd -3 -T0` over the same bytes (what
+/// `partclone | zstd` stores), 1 MiB chunks cost 0.5% on the bench volume,
+/// 1.6% on system binaries, 3.4% on Python's library and 14% on a tree of
+/// Rust sources; 4 MiB chunks cost 0.1%, nothing, 0.1% and 2%.
+pub const FILE_CHUNK: u32 = 4 << 20;
+/// Chunks in a repository, which stores identical chunks of many images
+/// once: smaller ones are found identical more often.
+pub const REPOSITORY_CHUNK: u32 = 1 << 20;
 
 #[derive(Clone)]
 pub struct CreateOptions {
@@ -31,7 +40,9 @@ pub struct CreateOptions {
     pub parent: Option<PathBuf>,
     pub secret: Option<Vec<u8>>,
     pub level: i32,
-    pub chunk_size: u32,
+    /// None: the parent's for an incremental image, else [`FILE_CHUNK`] or,
+    /// in a repository, [`REPOSITORY_CHUNK`].
+    pub chunk_size: Option<u32>,
     /// Image name inside a repository (default: from the volume).
     pub name: Option<String>,
     /// Where the volume is mounted read-write while it is read: files changed
@@ -218,6 +229,30 @@ fn image_name(o: &CreateOptions, volume: &VolumeInfo, dev: &Path) -> String {
     })
 }
 
+/// Whether `o.to` names a repository (a directory or an HTTP one) rather
+/// than an image file.
+fn to_repository(o: &CreateOptions) -> bool {
+    let to = o.to.to_string_lossy();
+    http::is_url(&to) || o.to.is_dir() || to.ends_with('/')
+}
+
+/// The chunk size asked for, or the one that suits where the image goes.
+/// An incremental image is cut like its parent: chunks are compared with the
+/// parent's offset by offset.
+fn chunk_size(o: &CreateOptions, parent: Option<&Image>, repository: bool) -> Result<u32> {
+    match (o.chunk_size, parent) {
+        (Some(asked), Some(p)) if asked != p.header.chunk_size => bail!(
+            "the parent image is cut into {} KiB chunks, and an incremental image into the same: leave out --chunk-kib (asked for {} KiB)",
+            p.header.chunk_size / 1024,
+            asked / 1024
+        ),
+        (_, Some(p)) => Ok(p.header.chunk_size),
+        (Some(asked), None) => Ok(asked),
+        (None, None) if repository => Ok(REPOSITORY_CHUNK),
+        (None, None) => Ok(FILE_CHUNK),
+    }
+}
+
 /// Where the image goes: a file, a directory repository, or an HTTP one (the
 /// image is then written locally and uploaded when complete).
 struct Destination {
@@ -326,6 +361,7 @@ pub fn create_into(o: &CreateOptions, sink: Option<&mut dyn Write>) -> Result<Cr
         }
     }
     let used_bytes: u64 = map.used.iter().map(|r| r.end - r.start).sum();
+    let chunk_size = chunk_size(o, parent.as_ref(), sink.is_none() && to_repository(o))?;
     let header = Header {
         format: format::FORMAT,
         image_id: Uuid::new_v4(),
@@ -343,14 +379,14 @@ pub fn create_into(o: &CreateOptions, sink: Option<&mut dyn Write>) -> Result<Cr
             .unwrap_or_default(),
         tool: format!("bmr {}", env!("CARGO_PKG_VERSION")),
         volume,
-        chunk_size: o.chunk_size,
+        chunk_size,
         compression: "zstd".into(),
         level: o.level,
         encryption,
         map_source: map.source.clone(),
         used_bytes,
         imaged_bytes: {
-            let chunk = u64::from(o.chunk_size);
+            let chunk = u64::from(chunk_size);
             order(&map, chunk)
                 .iter()
                 .map(|(off, _)| chunk.min(map.size - off))
@@ -480,7 +516,7 @@ pub fn write_stream(
     store: Option<&dyn ChunkStore>,
 ) -> Result<Created> {
     let mut pos = format::write_header(&mut &mut *w, header)?;
-    let chunk = u64::from(o.chunk_size);
+    let chunk = u64::from(header.chunk_size);
     let plan = order(map, chunk);
     let total: u64 = plan.iter().map(|(off, _)| chunk.min(map.size - off)).sum();
     let mut progress = Progress::new(&format!("imaging {}", o.device.display()), total);

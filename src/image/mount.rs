@@ -20,7 +20,8 @@ use crate::tool::run;
 const TTL: Duration = Duration::from_secs(3600);
 const ROOT: u64 = 1;
 const VOLUME: u64 = 2;
-const CACHE: usize = 16;
+/// Decoded chunks kept: 32 MiB of them, at least 4.
+const CACHE_BYTES: usize = 32 << 20;
 
 struct VolumeFs {
     img: Image,
@@ -64,7 +65,7 @@ impl VolumeFs {
                 Some(e) => self.img.chunk(e)?,
                 None => vec![0u8; self.chunk.min(self.size - start) as usize],
             };
-            if self.cache.len() == CACHE {
+            if self.cache.len() >= (CACHE_BYTES / self.chunk.max(1) as usize).max(4) {
                 self.cache.remove(0);
             }
             self.cache.push((start, data));

@@ -22,8 +22,6 @@ use super::window::{Window, Windows};
 use crate::report::size;
 use crate::tool::run;
 
-const BATCH: usize = 16;
-
 /// A writer that cannot write past the end of its partition (STYLE.md habit 5).
 pub struct Bounded {
     file: File,
@@ -269,7 +267,9 @@ fn pipeline(img: &Image, entries: &[&Entry], out: &Bounded, progress: &mut Progr
         .map(|e| e.raw_len as usize)
         .max()
         .unwrap_or(0);
-    let buffers = 4 * cores + 8;
+    // Enough for every decoder and writer to hold one and the queues between
+    // them, and at least 16 MiB: more only waits for the disk.
+    let buffers = (2 * cores + WRITERS).max((16 << 20) / chunk.max(1));
     let (pool_tx, pool_rx) = sync_channel::<AlignedBuf>(buffers);
     for _ in 0..buffers {
         let _ = pool_tx.send(AlignedBuf::new(chunk));
@@ -479,7 +479,9 @@ pub fn verify(img: &Image) -> Result<u64> {
         img.entries.iter().map(|e| u64::from(e.raw_len)).sum(),
     );
     let mut n = 0;
-    for batch in entries.chunks(BATCH) {
+    // 32 MiB of chunks decoded at once, at least 4.
+    let batch = ((32usize << 20) / img.header.chunk_size.max(1) as usize).max(4);
+    for batch in entries.chunks(batch) {
         let results: Vec<Result<Vec<u8>>> = batch.par_iter().map(|e| img.chunk(e)).collect();
         for (e, r) in batch.iter().zip(results) {
             r.with_context(|| {

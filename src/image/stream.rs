@@ -14,7 +14,10 @@ use super::progress::Progress;
 use super::read::{decode, key_for};
 use super::restore::{finish, open_target, Restored};
 
-const BATCH: usize = 16;
+/// Records decoded at once: 32 MiB of chunks, at least 4.
+fn batch_len(chunk_size: u32) -> usize {
+    ((32 << 20) / chunk_size.max(1) as usize).max(4)
+}
 
 /// Restores the image read from `r` onto `dev`. `what` names the source in
 /// messages (e.g. `tape /dev/nst0 file 2`).
@@ -49,9 +52,9 @@ pub fn restore_stream<R: Read>(
         let mut first: Option<Vec<u8>> = None;
         let mut written = 0u64;
         loop {
-            let mut batch: Vec<Record> = Vec::with_capacity(BATCH);
+            let mut batch: Vec<Record> = Vec::with_capacity(batch_len(header.chunk_size));
             let mut ended = false;
-            while batch.len() < BATCH {
+            while batch.len() < batch_len(header.chunk_size) {
                 match format::read_record(&mut r).with_context(|| what.to_string())? {
                     Some(rec) => batch.push(rec),
                     None => {
@@ -132,7 +135,7 @@ pub fn restore_stream<R: Read>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::create::{create, CreateOptions, DEFAULT_CHUNK};
+    use crate::image::create::{create, CreateOptions};
     use std::fs;
     use std::process::Command;
 
@@ -164,7 +167,7 @@ mod tests {
             parent: None,
             secret: None,
             level: 3,
-            chunk_size: DEFAULT_CHUNK / 4,
+            chunk_size: Some(256 << 10),
             name: None,
             watch: None,
         })

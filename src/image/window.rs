@@ -223,7 +223,7 @@ mod tests {
             parent: None,
             secret: None,
             level: 3,
-            chunk_size: 64 << 10,
+            chunk_size: Some(64 << 10),
             name: None,
             watch: None,
         })
