@@ -118,6 +118,8 @@ pub const FLAG_COMPRESSED: u8 = 1;
 pub const FLAG_ENCRYPTED: u8 = 2;
 /// Compressed against a base chunk whose id leads the (decrypted) payload.
 pub const FLAG_DELTA: u8 = 4;
+/// With FLAG_DELTA: the delta is made piece by piece (codec::DELTA_PIECE).
+pub const FLAG_PIECES: u8 = 8;
 const END: u8 = b'E';
 
 #[derive(Debug, Clone, PartialEq, Eq)]
