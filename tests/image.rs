@@ -107,6 +107,11 @@ fn ext4_round_trip_same_size_and_larger_then_file_level_onto_smaller() {
         "66666666-0000-4000-8000-000000000006"
     );
     assert!(info["chunks"]["metadata"].as_u64().unwrap() > 0, "{info}");
+    assert_eq!(
+        (info["format"].as_u64(), info["chunk_size"].as_u64()),
+        (Some(1), Some(4 << 20)),
+        "a full image file: format 1 (older bmr read it), 4 MiB chunks: {info}"
+    );
     assert!(
         info["stored_bytes"].as_u64().unwrap() < 40 << 20,
         "used blocks only, compressed: {info}"
@@ -277,6 +282,7 @@ fn incremental_chain_of_three_and_repository_dedup() {
             "most chunks are the parent's: {info}"
         );
         assert_eq!(info["chunk_size"], 4 << 20, "cut like its parent: {info}");
+        assert_eq!(info["format"], 2, "it may hold piecewise deltas: {info}");
         let child = fs::metadata(&imgs[i]).unwrap().len();
         assert!(
             child < 10 << 20,
@@ -430,7 +436,7 @@ fn a_restore_onto_a_device_full_of_old_data_brings_back_every_used_block() {
             &[&img, Path::new("--device"), Path::new(&disk.dev)],
         ));
     }
-    // The all-zero chunks were zeroed by the device, not skipped.
+    // The all-zero chunks were zeroed, not skipped.
     assert_eq!(
         used_blocks_differing(&vol, &target),
         0,

@@ -117,9 +117,9 @@ pub fn run(
     // for buffers held by the other's later ones, which could not be
     // written before them. At least 16 MiB each lets reading go on through
     // a run of changed chunks, which are slow to seal as deltas (incremental
-    // of the bench volume 0.90-1.05 s, was 1.06-1.15 with 6 MiB); at least
-    // two per sealer keep every core busy with large chunks.
-    let per_reader = (2 * cores + 2).max((16 << 20) / chunk.max(1) as usize);
+    // of the bench volume 0.90-1.05 s, was 1.06-1.15 with 6 MiB); with many
+    // cores, enough that every sealer has a chunk and the next is read.
+    let per_reader = (cores.div_ceil(READERS) + 2).max((16 << 20) / chunk.max(1) as usize);
     let buffers = READERS * per_reader;
     let pools: Vec<_> = (0..READERS)
         .map(|_| {

@@ -186,6 +186,7 @@ pub fn run(cmd: ImageCmd) -> Result<ExitCode> {
             let h = &img.header;
             let info = json!({
                 "image_id": h.image_id,
+                "format": h.format,
                 "created": h.created,
                 "volume": h.volume,
                 "used_bytes": h.used_bytes,

@@ -363,7 +363,11 @@ pub fn create_into(o: &CreateOptions, sink: Option<&mut dyn Write>) -> Result<Cr
     let used_bytes: u64 = map.used.iter().map(|r| r.end - r.start).sum();
     let chunk_size = chunk_size(o, parent.as_ref(), sink.is_none() && to_repository(o))?;
     let header = Header {
-        format: format::FORMAT,
+        format: if parent.is_some() {
+            format::FORMAT
+        } else {
+            format::FORMAT_WITHOUT_DELTAS
+        },
         image_id: Uuid::new_v4(),
         parent: parent.as_ref().map(|p| ParentRef {
             image_id: p.header.image_id,

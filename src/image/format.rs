@@ -13,14 +13,19 @@ use super::crypto;
 pub const MAGIC: &[u8; 8] = b"BMRIMG\x00\x01";
 pub const TRAILER_MAGIC: &[u8; 8] = b"BMRTRAIL";
 pub const TRAILER_LEN: usize = 8 + 8 + 8 + 32 + 8;
-pub const FORMAT: u32 = 1;
+/// The newest format this bmr reads: 2 added deltas made piece by piece
+/// (FLAG_PIECES). Only incremental images hold deltas; the others are
+/// written as format 1, which older bmr reads too (a rescue medium may be
+/// older than the backup).
+pub const FORMAT: u32 = 2;
+pub const FORMAT_WITHOUT_DELTAS: u32 = 1;
 /// Header JSON larger than this is refused as damaged.
 const MAX_HEADER: u32 = 1 << 20;
 /// A chunk's stored bytes may exceed its raw size a little (AEAD overhead).
 const MAX_STORED: u32 = (64 << 20) + 64;
 /// The largest chunk the format allows (docs/image-format.md): a record
 /// claiming more is damage, and must not make a reader allocate it.
-const MAX_CHUNK: u32 = 64 << 20;
+pub const MAX_CHUNK: u32 = 64 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -180,8 +185,8 @@ pub fn read_header<R: Read>(r: &mut R) -> Result<(Header, u64)> {
     let h: Header = serde_json::from_slice(&json)
         .map_err(|e| anyhow!("the image header is not understood: {e}"))?;
     ensure!(
-        h.format == FORMAT,
-        "image format {} is not one this bmr reads ({FORMAT}); use a newer bmr",
+        (1..=FORMAT).contains(&h.format),
+        "image format {} is not one this bmr reads (1 to {FORMAT}); use a newer bmr",
         h.format
     );
     ensure!(
@@ -457,6 +462,15 @@ mod tests {
             .to_string()
             .contains("damaged"));
         assert!(read_header(&mut &b[..10]).is_err());
+        for (format, ok) in [(1, true), (FORMAT, true), (FORMAT + 1, false)] {
+            let mut b = Vec::new();
+            write_header(&mut b, &Header { format, ..header() }).unwrap();
+            let r = read_header(&mut &b[..]);
+            assert_eq!(r.is_ok(), ok, "format {format}");
+            if !ok {
+                assert!(r.unwrap_err().to_string().contains("use a newer bmr"));
+            }
+        }
         assert!(read_header(&mut &b"NOTANIMAGE"[..])
             .unwrap_err()
             .to_string()

@@ -286,12 +286,13 @@ impl Image {
             depth <= MAX_DELTA_DEPTH,
             "deltas nested deeper than {MAX_DELTA_DEPTH}: damaged"
         );
-        // A damaged length must not become an allocation of gigabytes.
+        // A damaged length must not become an allocation of gigabytes. (Not
+        // this image's chunk size: older incrementals could be cut unlike
+        // their parents.)
         ensure!(
-            r.len <= self.header.chunk_size,
-            "a delta of a {}-byte chunk in an image of {}-byte chunks: damaged",
-            r.len,
-            self.header.chunk_size
+            r.len <= format::MAX_CHUNK,
+            "a delta of a {}-byte chunk: damaged",
+            r.len
         );
         let mut out = vec![0u8; r.len as usize];
         if let Some((img, pe)) = self.parent.as_deref().and_then(|p| {

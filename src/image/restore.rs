@@ -78,14 +78,26 @@ impl Bounded {
             )
             .map_err(std::io::Error::from)
         };
-        if asked.is_ok() {
-            return Ok(());
+        match asked {
+            Ok(()) => return Ok(()),
+            // Not offered here (or not for this alignment): zeros are written.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(
+                        nix::libc::EOPNOTSUPP
+                            | nix::libc::EINVAL
+                            | nix::libc::ENOTTY
+                            | nix::libc::ENOSYS
+                    )
+                ) => {}
+            Err(e) => return Err(e).with_context(|| format!("zeroing {offset}..{end}")),
         }
-        let zeros = vec![0u8; (len.min(1 << 20)) as usize];
+        let mut zeros = AlignedBuf::new(len.min(1 << 20) as usize);
         let mut at = offset;
         while at < end {
-            let n = (end - at).min(zeros.len() as u64) as usize;
-            self.write_at(&zeros[..n], at)?;
+            let n = (end - at).min(zeros.capacity() as u64) as usize;
+            self.write_chunk(zeros.take(n), at)?;
             at += n as u64;
         }
         Ok(())
@@ -230,7 +242,12 @@ pub fn restore(img: &Image, dev: &Path, grow: bool) -> Result<Restored> {
     finish(result, &out, dev, vol, grow, &mut progress)
 }
 
-/// Adjacent chunks merged into (offset, length) runs, in offset order.
+/// The most zeroed at once: a device that zeroes by writing takes a while
+/// over a large run, and progress moves between runs.
+const ZERO_RUN: u64 = 64 << 20;
+
+/// Adjacent chunks merged into (offset, length) runs of at most
+/// [`ZERO_RUN`] (or one chunk, if larger), in offset order.
 fn runs(entries: &[&Entry]) -> Vec<(u64, u64)> {
     let mut sorted: Vec<(u64, u64)> = entries
         .iter()
@@ -240,7 +257,7 @@ fn runs(entries: &[&Entry]) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     for (offset, len) in sorted {
         match out.last_mut() {
-            Some((o, l)) if *o + *l == offset => *l += len,
+            Some((o, l)) if *o + *l == offset && *l + len <= ZERO_RUN => *l += len,
             _ => out.push((offset, len)),
         }
     }
@@ -262,14 +279,16 @@ fn pipeline(img: &Image, entries: &[&Entry], out: &Bounded, progress: &mut Progr
     use std::sync::{Arc, Mutex};
 
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let chunk = entries
-        .iter()
-        .map(|e| e.raw_len as usize)
-        .max()
-        .unwrap_or(0);
-    // Enough for every decoder and writer to hold one and the queues between
-    // them, and at least 16 MiB: more only waits for the disk.
-    let buffers = (2 * cores + WRITERS).max((16 << 20) / chunk.max(1));
+    let Some(chunk) = entries.iter().map(|e| e.raw_len as usize).max() else {
+        // A swap area's header, or a volume of one chunk: nothing but the
+        // first chunk, which the caller writes.
+        return Ok(());
+    };
+    // Enough for every decoder and writer to hold one and two more queued,
+    // and at least 16 MiB: more only waits for the disk. Counted by the
+    // chunk size the header says (4 KiB at least), not by a record's length.
+    let per = (img.header.chunk_size as usize).max(chunk).max(4096);
+    let buffers = (cores + WRITERS + 2).max((16 << 20) / per);
     let (pool_tx, pool_rx) = sync_channel::<AlignedBuf>(buffers);
     for _ in 0..buffers {
         let _ = pool_tx.send(AlignedBuf::new(chunk));
@@ -479,8 +498,9 @@ pub fn verify(img: &Image) -> Result<u64> {
         img.entries.iter().map(|e| u64::from(e.raw_len)).sum(),
     );
     let mut n = 0;
-    // 32 MiB of chunks decoded at once, at least 4.
-    let batch = ((32usize << 20) / img.header.chunk_size.max(1) as usize).max(4);
+    // 32 MiB of chunks decoded at once, at least one per core.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let batch = ((32usize << 20) / img.header.chunk_size.max(1) as usize).max(cores);
     for batch in entries.chunks(batch) {
         let results: Vec<Result<Vec<u8>>> = batch.par_iter().map(|e| img.chunk(e)).collect();
         for (e, r) in batch.iter().zip(results) {
@@ -526,6 +546,50 @@ mod tests {
             vec![(0, 8192), (8 << 20, 2 << 20), (20 << 20, 100)]
         );
         assert!(runs(&[]).is_empty());
+        let many: Vec<Entry> = (0..100).map(|i| entry(i << 20, 1 << 20)).collect();
+        let refs: Vec<&Entry> = many.iter().collect();
+        assert_eq!(
+            runs(&refs),
+            vec![(0, ZERO_RUN), (ZERO_RUN, (100 << 20) - ZERO_RUN)]
+        );
+    }
+
+    #[test]
+    fn an_empty_pipeline_allocates_nothing_and_succeeds() {
+        // An image whose only chunk is the first (a swap header): the
+        // pipeline has nothing to do and must not size buffers from it.
+        let dir = tempfile::tempdir().unwrap();
+        let vol = dir.path().join("swap.img");
+        std::fs::File::create(&vol)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        assert!(std::process::Command::new("mkswap")
+            .arg(&vol)
+            .output()
+            .unwrap()
+            .status
+            .success());
+        let img = dir.path().join("swap.bmri");
+        crate::image::create::create(&crate::image::create::CreateOptions {
+            device: vol.clone(),
+            to: img.clone(),
+            parent: None,
+            secret: None,
+            level: 3,
+            chunk_size: None,
+            name: None,
+            watch: None,
+        })
+        .unwrap();
+        let image = Image::open(&img, None).unwrap();
+        assert_eq!(image.entries.len(), 1, "one chunk: {:?}", image.entries);
+        let target = dir.path().join("t.img");
+        std::fs::write(&target, vec![0x55u8; 8 << 20]).unwrap();
+        restore(&image, &target, false).unwrap();
+        let got = std::fs::read(&target).unwrap();
+        let want = std::fs::read(&vol).unwrap();
+        assert!(got[..4096] == want[..4096], "the swap header is back");
     }
 
     #[test]

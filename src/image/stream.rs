@@ -14,9 +14,10 @@ use super::progress::Progress;
 use super::read::{decode, key_for};
 use super::restore::{finish, open_target, Restored};
 
-/// Records decoded at once: 32 MiB of chunks, at least 4.
+/// Records decoded at once: 32 MiB of chunks, at least one per core.
 fn batch_len(chunk_size: u32) -> usize {
-    ((32 << 20) / chunk_size.max(1) as usize).max(4)
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    ((32 << 20) / chunk_size.max(1) as usize).max(cores)
 }
 
 /// Restores the image read from `r` onto `dev`. `what` names the source in
@@ -87,7 +88,9 @@ pub fn restore_stream<R: Read>(
             for (rec, d) in batch.iter().zip(decoded) {
                 let (offset, data) = d?;
                 ensure!(
-                    offset + data.len() as u64 <= vol.size_bytes,
+                    offset
+                        .checked_add(data.len() as u64)
+                        .is_some_and(|end| end <= vol.size_bytes),
                     "{what}: a record points outside the volume (offset {offset}): damaged"
                 );
                 seen.push((rec.offset, rec.kind, rec.id));
