@@ -487,3 +487,29 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod robustness {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// A piecewise delta's table and frames come from the image: any
+        /// bytes give Ok or Err, never a panic or a read out of bounds.
+        #[test]
+        fn piece_tables_survive_arbitrary_bytes(
+            frames in proptest::collection::vec(any::<u8>(), 0..200),
+            base_len in 0usize..(3 * DELTA_PIECE),
+            out_len in 1usize..(3 * DELTA_PIECE),
+            pieces in 0u32..5,
+        ) {
+            let mut bytes = pieces.to_le_bytes().to_vec();
+            bytes.extend_from_slice(&frames);
+            let base = vec![3u8; base_len];
+            let mut out = vec![0u8; out_len];
+            let _ = undelta_pieces(&bytes, &base, &mut out);
+        }
+    }
+}
