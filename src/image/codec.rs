@@ -213,24 +213,9 @@ fn undelta_pieces(frames: &[u8], base: &[u8], out: &mut [u8]) -> Result<()> {
 #[cfg(test)]
 fn delta(data: &[u8], level: i32, base_id: &[u8; 32], base: &[u8]) -> Result<Vec<u8>> {
     let base_len = u32::try_from(base.len()).context("a base chunk over 4 GiB")?;
-    let mut cctx = CCtx::create();
-    // The window has to reach back over the whole base.
-    let span = (base.len() + data.len())
-        .next_power_of_two()
-        .trailing_zeros();
-    cctx.set_parameter(CParameter::CompressionLevel(level))
-        .map_err(zerr)?;
-    cctx.set_parameter(CParameter::WindowLog(span.clamp(10, 27)))
-        .map_err(zerr)?;
-    cctx.ref_prefix(base).map_err(zerr)?;
-    let mut out = vec![0u8; BASE_REF + zstd::zstd_safe::compress_bound(data.len())];
-    out[..32].copy_from_slice(base_id);
-    out[32..BASE_REF].copy_from_slice(&base_len.to_le_bytes());
-    let n = cctx
-        .compress2(&mut out[BASE_REF..], data)
-        .map_err(zerr)
-        .context("compressing against the parent's chunk")?;
-    out.truncate(BASE_REF + n);
+    let mut out = base_id.to_vec();
+    out.extend_from_slice(&base_len.to_le_bytes());
+    out.extend_from_slice(&delta_frame(data, level, base)?);
     Ok(out)
 }
 
