@@ -83,6 +83,14 @@ fn ext4_volume(dir: &Path, mib: u64) -> PathBuf {
     img
 }
 
+/// `bmr image create --device VOL --to IMG`, which must succeed; its output.
+fn create_image(vol: &Path, img: &Path) -> String {
+    ok(bmr_out(
+        &["image", "create", "--device"],
+        &[vol, Path::new("--to"), img],
+    ))
+}
+
 fn bmr_out(args: &[&str], extra: &[&Path]) -> Output {
     bmr().args(args).args(extra).output().unwrap()
 }
@@ -95,10 +103,7 @@ fn ext4_round_trip_same_size_and_larger_then_file_level_onto_smaller() {
     let vol = ext4_volume(tmp.path(), 128);
     let want = tree(&mount_img(&vol, &tmp.path().join("orig"), false, true).dir);
     let img = tmp.path().join("vol.bmri");
-    let out = ok(bmr_out(
-        &["image", "create", "--device"],
-        &[&vol, Path::new("--to"), &img],
-    ));
+    let out = create_image(&vol, &img);
     assert!(out.contains("used"), "{out}");
     let info: serde_json::Value =
         serde_json::from_str(&ok(bmr_out(&["image", "info", "--json"], &[&img]))).unwrap();
@@ -190,10 +195,7 @@ fn fat32_and_ntfs_round_trips() {
         tmp.path().display()
     ));
     let img = tmp.path().join("fat.bmri");
-    ok(bmr_out(
-        &["image", "create", "--device"],
-        &[&fat, Path::new("--to"), &img],
-    ));
+    create_image(&fat, &img);
     let target = file(tmp.path(), "fat-big.img", 160);
     ok(bmr_out(
         &["image", "restore", "--from"],
@@ -224,10 +226,7 @@ fn fat32_and_ntfs_round_trips() {
     }
     let want = tree(&mount_img(&ntfs, &tmp.path().join("norig"), true, true).dir);
     let img = tmp.path().join("ntfs.bmri");
-    ok(bmr_out(
-        &["image", "create", "--device"],
-        &[&ntfs, Path::new("--to"), &img],
-    ));
+    create_image(&ntfs, &img);
     let target = file(tmp.path(), "ntfs-big.img", 128);
     let out = ok(bmr_out(
         &["image", "restore", "--from"],
@@ -247,10 +246,7 @@ fn incremental_chain_of_three_and_repository_dedup() {
     let imgs: Vec<PathBuf> = (1..=3)
         .map(|i| tmp.path().join(format!("v{i}.bmri")))
         .collect();
-    ok(bmr_out(
-        &["image", "create", "--device"],
-        &[&vol, Path::new("--to"), &imgs[0]],
-    ));
+    create_image(&vol, &imgs[0]);
     for i in 1..3 {
         {
             let m = mount_img(&vol, &tmp.path().join(format!("c{i}")), false, false);
@@ -414,10 +410,7 @@ fn a_restore_onto_a_device_full_of_old_data_brings_back_every_used_block() {
     let tmp = tempfile::tempdir().unwrap();
     let vol = ext4_volume(tmp.path(), 128);
     let img = tmp.path().join("v.bmri");
-    ok(bmr_out(
-        &["image", "create", "--device"],
-        &[&vol, Path::new("--to"), &img],
-    ));
+    create_image(&vol, &img);
     let info: serde_json::Value =
         serde_json::from_str(&ok(bmr_out(&["image", "info", "--json"], &[&img]))).unwrap();
     assert!(
@@ -498,10 +491,7 @@ fn damage_and_wrong_keys_are_caught() {
 
     // One flipped byte inside a stored chunk.
     let plain = tmp.path().join("plain.bmri");
-    ok(bmr_out(
-        &["image", "create", "--device"],
-        &[&vol, Path::new("--to"), &plain],
-    ));
+    create_image(&vol, &plain);
     let mut bytes = fs::read(&plain).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
@@ -552,10 +542,7 @@ fn mount_ls_and_extract_without_unpacking() {
     let vol = ext4_volume(tmp.path(), 64);
     let want = tree(&mount_img(&vol, &tmp.path().join("orig"), false, true).dir);
     let img = tmp.path().join("v.bmri");
-    ok(bmr_out(
-        &["image", "create", "--device"],
-        &[&vol, Path::new("--to"), &img],
-    ));
+    create_image(&vol, &img);
     let loops_before = sh("losetup -a | wc -l");
 
     let listing = ok(bmr_out(&["image", "ls"], &[&img]));
@@ -642,10 +629,7 @@ fn a_mounted_target_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let vol = ext4_volume(tmp.path(), 64);
     let img = tmp.path().join("v.bmri");
-    ok(bmr_out(
-        &["image", "create", "--device"],
-        &[&vol, Path::new("--to"), &img],
-    ));
+    create_image(&vol, &img);
     let disk = LoopDisk::attach(&vol);
     let m = Mounted::new(&disk.dev, &tmp.path().join("busy"), &[]);
     let err = refused(bmr_out(
