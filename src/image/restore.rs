@@ -41,12 +41,12 @@ impl Bounded {
         }
     }
 
-    fn check(&self, len: usize, offset: u64) -> Result<()> {
-        let end = offset.saturating_add(len as u64);
+    /// The bounds guard every write and zeroing passes: `verb` names which.
+    fn check(&self, verb: &str, len: u64, offset: u64) -> Result<()> {
+        let end = offset.saturating_add(len);
         if end > self.limit {
             bail!(
-                "refusing to write {}..{end}: past the end of the partition ({} bytes)",
-                offset,
+                "refusing to {verb} {offset}..{end}: past the end of the partition ({} bytes)",
                 self.limit
             );
         }
@@ -58,13 +58,8 @@ impl Bounded {
     /// used but empty chunk, such as a new journal, then costs a request
     /// instead of its size in writes. Where neither can, zeros are written.
     pub fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
-        let end = offset.saturating_add(len);
-        if end > self.limit {
-            bail!(
-                "refusing to zero {offset}..{end}: past the end of the partition ({} bytes)",
-                self.limit
-            );
-        }
+        self.check("zero", len, offset)?;
+        let end = offset + len;
         let fd = self.file.as_fd();
         let asked = if self.file.metadata()?.file_type().is_block_device() {
             crate::sys::zero_out(fd, offset, len)
@@ -104,7 +99,7 @@ impl Bounded {
     }
 
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
-        self.check(data.len(), offset)?;
+        self.check("write", data.len() as u64, offset)?;
         self.file
             .write_all_at(data, offset)
             .with_context(|| format!("writing at {offset}"))
@@ -115,7 +110,7 @@ impl Bounded {
     pub fn write_chunk(&self, data: &[u8], offset: u64) -> Result<()> {
         match &self.direct {
             Some(d) if direct_ok(data, offset) => {
-                self.check(data.len(), offset)?;
+                self.check("write", data.len() as u64, offset)?;
                 d.write_all_at(data, offset)
                     .with_context(|| format!("writing at {offset}"))
             }
@@ -240,6 +235,13 @@ pub fn restore(img: &Image, dev: &Path, grow: bool) -> Result<Restored> {
         Ok(total)
     })();
     finish(result, &out, dev, vol, grow, &mut progress)
+}
+
+/// Chunks decoded at once where a whole batch is held in memory (verify, a
+/// restore from a stream): 32 MiB of them, at least one per core.
+pub(super) fn batch_len(chunk_size: u32) -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    ((32 << 20) / chunk_size.max(1) as usize).max(cores)
 }
 
 /// The most zeroed at once: a device that zeroes by writing takes a while
@@ -498,10 +500,7 @@ pub fn verify(img: &Image) -> Result<u64> {
         img.entries.iter().map(|e| u64::from(e.raw_len)).sum(),
     );
     let mut n = 0;
-    // 32 MiB of chunks decoded at once, at least one per core.
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let batch = ((32usize << 20) / img.header.chunk_size.max(1) as usize).max(cores);
-    for batch in entries.chunks(batch) {
+    for batch in entries.chunks(batch_len(img.header.chunk_size)) {
         let results: Vec<Result<Vec<u8>>> = batch.par_iter().map(|e| img.chunk(e)).collect();
         for (e, r) in batch.iter().zip(results) {
             r.with_context(|| {

@@ -12,13 +12,7 @@ use rayon::prelude::*;
 use super::format::{self, Kind, Record};
 use super::progress::Progress;
 use super::read::{decode, key_for};
-use super::restore::{finish, open_target, Restored};
-
-/// Records decoded at once: 32 MiB of chunks, at least one per core.
-fn batch_len(chunk_size: u32) -> usize {
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    ((32 << 20) / chunk_size.max(1) as usize).max(cores)
-}
+use super::restore::{batch_len, finish, open_target, Restored};
 
 /// Restores the image read from `r` onto `dev`. `what` names the source in
 /// messages (e.g. `tape /dev/nst0 file 2`).
@@ -52,10 +46,11 @@ pub fn restore_stream<R: Read>(
         let mut seen: Vec<(u64, Kind, [u8; 32])> = Vec::new();
         let mut first: Option<Vec<u8>> = None;
         let mut written = 0u64;
+        let batch_len = batch_len(header.chunk_size);
         loop {
-            let mut batch: Vec<Record> = Vec::with_capacity(batch_len(header.chunk_size));
+            let mut batch: Vec<Record> = Vec::with_capacity(batch_len);
             let mut ended = false;
-            while batch.len() < batch_len(header.chunk_size) {
+            while batch.len() < batch_len {
                 match format::read_record(&mut r).with_context(|| what.to_string())? {
                     Some(rec) => batch.push(rec),
                     None => {
